@@ -1,0 +1,39 @@
+# tether: `make demo` runs the whole pipeline on the embedded task; `make test` runs lint + tests.
+# PyTorch comes first and on its own: TORCH_SPEC pins a release whose CPU wheel this project is tested with; on a
+# machine with a GPU the same pin from PyPI is the CUDA build. An already-installed torch is left alone, so a user who
+# installs another build first (ROCm, nightly) keeps it. Override with `make install TORCH_SPEC="torch==X"`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_SPEC ?= torch==2.13.0
+PYTEST_ARGS ?=
+export OMP_NUM_THREADS ?= 1
+
+.PHONY: install demo test test-slow lint bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $@
+
+demo: install
+	OMP_NUM_THREADS= $(BIN)/tether demo
+
+lint: install
+	$(BIN)/ruff check .
+
+test: install lint
+	$(BIN)/python -m pytest -q -n 2 $(PYTEST_ARGS)
+
+test-slow: install
+	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
+
+bench: install
+	$(BIN)/pip install --quiet -e ".[bench]"
+	OMP_NUM_THREADS= $(BIN)/python benchmarks/vs_trl.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

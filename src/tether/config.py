@@ -1,0 +1,151 @@
+"""Configs: one flat dataclass per recipe, loaded from YAML plus `key=value` overrides, validated.
+
+    cfg = load_config(SFTConfig, "sft.yaml", ["lr=3e-5", "lora_r=8"])
+
+Every field is declared with `opt(default, "one-line help")`; the help becomes `tether <command> --help`.
+Unknown keys and values of the wrong type are errors that name the key (and the file when it came from one).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config key that does not exist, or a value that does not fit its field."""
+
+
+def opt(default: Any, help: str, derived: bool = False) -> Any:
+    """A config field with a default and a one-line help text (`derived` fields are filled by the recipe)."""
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return dataclasses.field(default=default, metadata={"help": help, "derived": derived})
+
+
+def _field_types(cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
+    """Turn a YAML/CLI value into the field's type, or raise ConfigError naming the key."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        return _coerce(value, args[0], key, where)
+    if origin is list:
+        (inner,) = typing.get_args(tp) or (str,)
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}key '{key}' expects a list, got {value!r}")
+        return [_coerce(v, inner, key, where) for v in value]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
+            return value.lower() in ("true", "yes", "1", "on")
+        raise ConfigError(f"{where}key '{key}' expects true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, str) and _is_int(value))):
+            raise ConfigError(f"{where}key '{key}' expects an integer, got {value!r}")
+        return int(value)
+    if tp is float:
+        try:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}key '{key}' expects a number, got {value!r}") from None
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{where}key '{key}' expects a string, got {value!r}")
+        return "" if value is None else str(value)
+    return value
+
+
+def _is_int(s: str) -> bool:
+    try:
+        int(s)
+        return True
+    except ValueError:
+        return False
+
+
+def _unknown(key: str, known: list[str], where: str, recipe: str) -> ConfigError:
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return ConfigError(f"{where}unknown key '{key}' for {recipe}{hint}; `tether {recipe} --help` lists the keys")
+
+
+def parse_overrides(items: list[str]) -> dict[str, str]:
+    """`["lr=3e-5", "out=runs/x"]` -> {"lr": "3e-5", ...}; values are parsed as YAML scalars later."""
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"expected key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        out[key.strip()] = value
+    return out
+
+
+def load_config(cls, path: str | Path | None = None, overrides: list[str] | dict | None = None, recipe: str = ""):
+    """Build `cls` from an optional YAML file and `key=value` overrides (the overrides win)."""
+    recipe = recipe or cls.__name__.removesuffix("Config").lower()
+    types_ = _field_types(cls)
+    values: dict[str, Any] = {}
+    if path:
+        where = f"{path}: "
+        try:
+            loaded = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of key: value at the top level")
+        for key, value in loaded.items():
+            if key not in types_:
+                raise _unknown(str(key), list(types_), where, recipe)
+            values[key] = _coerce(value, types_[key], key, where)
+    items = overrides if isinstance(overrides, dict) else parse_overrides(list(overrides or []))
+    for key, raw in items.items():
+        if key not in types_:
+            raise _unknown(key, list(types_), "", recipe)
+        value = yaml.safe_load(raw) if isinstance(raw, str) and raw != "" else raw
+        if types_[key] is str or typing.get_args(types_[key]) == (str, type(None)):
+            value = raw  # keep strings verbatim: "1e-3" stays a string for str fields
+        values[key] = _coerce(value, types_[key], key, "")
+    cfg = cls(**values)
+    check = getattr(cfg, "validate", None)
+    if check:
+        check()
+    return cfg
+
+
+def config_to_dict(cfg) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+
+def describe(cls) -> str:
+    """One line per field: name, type, default and help (the body of `--help`)."""
+    lines = []
+    types_ = _field_types(cls)
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        tp = getattr(types_[f.name], "__name__", str(types_[f.name]).replace("typing.", ""))
+        lines.append(f"  {f.name}={default!r}  ({tp})  {f.metadata.get('help', '')}")
+    return "\n".join(lines)

@@ -1,0 +1,377 @@
+"""The training engine: the machinery every recipe shares, once.
+
+A recipe reads top to bottom and calls the engine for everything that is not its algorithm:
+
+    engine = Engine(cfg, command="sft")                 # run dir, config.yaml, seeds, accelerate, metrics
+    model, opt, sched = engine.setup(model, total_steps)
+    start = engine.resume()                             # 0, or the step after the last checkpoint
+    for step in range(start, total_steps):
+        for micro in engine.micro_batches(step):        # this rank's share of the global batch
+            loss = ...
+            engine.backward(loss, step)                 # NaN/inf check, no_sync while accumulating
+        stats = engine.optimizer_step()                 # clip, step, schedule, zero_grad
+        engine.log(step, {...})                         # metrics.jsonl + TensorBoard + progress bar
+        engine.maybe_checkpoint(step)                   # model, optimizer, scheduler, RNG, data position
+    engine.save_model(model, tokenizer)                 # run_dir/model: a normal HF directory
+    engine.finish({...})                                # summary.json
+
+Exactness: the global batch of step s is a fixed slice of a seeded stream of epoch permutations, split into
+`world_size * grad_accum` micro-batches (rank r takes micro-batches r*accum .. r*accum+accum-1). Losses are normalised
+by a count over the *global* batch (`engine.all_sum`) and scaled by the world size before DDP averages gradients,
+so 1 process x 8 accumulation == 8 micro-batches anywhere == 2 processes x 4. Resume restores model, optimizer,
+scheduler and RNG states and recomputes the data stream, so an interrupted run continues the same loss curve.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
+
+from tether.config import ConfigError, opt, save_config
+
+
+@dataclass
+class TrainConfig:
+    """Fields every training recipe has; a recipe config subclasses this and stays one flat dataclass."""
+
+    out: str = opt("", "run directory (default runs/<command>-<timestamp>)")
+    seed: int = opt(0, "random seed; process r uses seed + r*100003")
+    lr: float = opt(1e-4, "peak learning rate (AdamW)")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    adam_eps: float = opt(1e-8, "AdamW epsilon (N+ PPO uses 1e-5)")
+    lr_schedule: str = opt("linear", "learning-rate schedule after warmup: constant | linear | cosine")
+    warmup_steps: int = opt(0, "linear warmup steps")
+    min_lr_ratio: float = opt(0.0, "final lr as a fraction of the peak (InstructGPT RM: cosine to 0.1)")
+    batch_size: int = opt(8, "micro-batch size per process")
+    grad_accum: int = opt(1, "micro-batches accumulated per optimizer step")
+    max_grad_norm: float = opt(1.0, "gradient clipping by global norm (0 = off)")
+    epochs: float = opt(1.0, "passes over the training data (ignored when max_steps > 0)")
+    max_steps: int = opt(0, "optimizer steps to run (0 = from epochs)")
+    log_every: int = opt(1, "log metrics every N steps")
+    save_every: int = opt(0, "checkpoint every N steps (0 = only at the end)")
+    keep_checkpoints: int = opt(2, "how many recent checkpoints to keep")
+    resume: bool = opt(False, "continue from the last checkpoint in `out`")
+    mixed_precision: str = opt("auto", "no | bf16 | fp16 | auto (bf16 on a GPU that supports it, else no)")
+    gradient_checkpointing: bool = opt(False, "recompute activations in the backward pass to save memory")
+    lora_r: int = opt(0, "LoRA rank (0 = full fine-tuning)")
+    lora_alpha: float = opt(16.0, "LoRA alpha")
+    lora_dropout: float = opt(0.0, "LoRA dropout")
+    lora_target_modules: str = opt("all-linear", "LoRA target modules: all-linear or a comma list of names")
+    merge_lora: bool = opt(True, "merge LoRA adapters into the saved model")
+    progress: bool = opt(True, "show a progress bar")
+
+    def validate(self) -> None:
+        if self.lr_schedule not in SCHEDULES:
+            raise ConfigError(f"key 'lr_schedule' must be one of {sorted(SCHEDULES)}, got {self.lr_schedule!r}")
+        if self.mixed_precision not in ("no", "bf16", "fp16", "auto"):
+            raise ConfigError(f"key 'mixed_precision' must be no | bf16 | fp16 | auto, got {self.mixed_precision!r}")
+        for key in ("batch_size", "grad_accum"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"key '{key}' must be >= 1, got {getattr(self, key)}")
+        if self.resume and not self.out:
+            raise ConfigError("key 'resume' needs out=DIR naming the run to continue")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or inf; the run stopped after saving the last good state."""
+
+
+# --- learning-rate schedules: multiplier of the peak lr at `step` --------------------------------------------------
+def _constant(step: int, total: int, warmup: int, floor: float) -> float:
+    return 1.0
+
+
+def _linear(step: int, total: int, warmup: int, floor: float) -> float:
+    progress = (step - warmup) / max(1, total - warmup)
+    return floor + (1.0 - floor) * max(0.0, 1.0 - progress)
+
+
+def _cosine(step: int, total: int, warmup: int, floor: float) -> float:
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+SCHEDULES = {"constant": _constant, "linear": _linear, "cosine": _cosine}
+
+
+def lr_multiplier(step: int, total: int, warmup: int, schedule: str, floor: float = 0.0) -> float:
+    """Linear warmup over `warmup` steps, then the named decay from 1 to `floor` at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return SCHEDULES[schedule](step, total, warmup, floor)
+
+
+def step_indices(step: int, global_batch: int, n_examples: int, seed: int) -> list[int]:
+    """Example indices of optimizer step `step`: a slice of concatenated seeded epoch permutations."""
+    start, out = step * global_batch, []
+    while len(out) < global_batch:
+        epoch, offset = divmod(start + len(out), n_examples)
+        perm = torch.randperm(n_examples, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        out.extend(perm[offset : offset + global_batch - len(out)].tolist())
+    return out
+
+
+def steps_for(n_examples: int, global_batch: int, epochs: float, max_steps: int) -> int:
+    return max_steps if max_steps > 0 else max(1, math.ceil(epochs * n_examples / global_batch))
+
+
+class MetricsLogger:
+    """metrics.jsonl (one JSON object per logged step) + TensorBoard events, on the main process only."""
+
+    def __init__(self, run_dir: Path, resume_step: int | None = None):
+        self.path = run_dir / "metrics.jsonl"
+        if resume_step is not None and self.path.exists():  # drop lines past the checkpoint: same file as uninterrupted
+            kept = [ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln)["step"] < resume_step]
+            self.path.write_text("".join(ln + "\n" for ln in kept))
+        self.file = self.path.open("a")
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+        except ImportError:  # tensorboard is a dependency; keep training if a slim install lacks it
+            self.tb = None
+
+    def write(self, step: int, metrics: dict[str, float]) -> None:
+        self.file.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for key, value in metrics.items():
+                if isinstance(value, (int, float)) and math.isfinite(value):
+                    self.tb.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _to_float(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().float().mean().item()
+    return value
+
+
+class Engine:
+    """Run directory, accelerate, optimizer + schedule, accumulation, checkpoints, metrics: shared by all recipes."""
+
+    def __init__(self, cfg: TrainConfig, command: str, accelerator: Accelerator | None = None):
+        self.cfg, self.command = cfg, command
+        precision = cfg.mixed_precision
+        if precision == "auto":
+            precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+        # cpu=True without CUDA: multi-process CPU runs (torchrun, gloo) need it to form a process group
+        self.accelerator = accelerator or Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
+        self.rank, self.world_size = self.accelerator.process_index, self.accelerator.num_processes
+        self.is_main = self.accelerator.is_main_process
+        self.device = self.accelerator.device
+        self.run_dir = self._resolve_run_dir(cfg.out, command)
+        cfg.out = str(self.run_dir)
+        self.seed = cfg.seed + self.rank * 100_003  # REFERENCE.md: seed per process
+        torch.manual_seed(self.seed)
+        self.checkpoint_objects: list[Any] = []
+        self.model = self.optimizer = self.scheduler = None
+        self.total_steps, self.n_examples, self.resumed_from = 0, 0, 0
+        self._t0, self._tokens, self._window = time.time(), 0, (time.time(), 0)
+        self._progress = None
+        self.logger: MetricsLogger | None = None
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
+
+    def _resolve_run_dir(self, out: str, command: str) -> Path:
+        name = [out or f"runs/{command}-{time.strftime('%Y%m%d-%H%M%S')}"]
+        if self.world_size > 1:
+            broadcast_object_list(name)  # every process writes into the main process's directory
+        return Path(name[0])
+
+    # --- setup ------------------------------------------------------------------------------------------------------
+    def setup(self, model: torch.nn.Module, total_steps: int, n_examples: int = 0, extra_params=None):
+        """AdamW over trainable parameters, warmup + decay schedule, the model wrapped for DDP when distributed."""
+        cfg = self.cfg
+        self.total_steps, self.n_examples = total_steps, n_examples
+        if cfg.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        params = [p for p in model.parameters() if p.requires_grad] + list(extra_params or [])
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            lambda s: lr_multiplier(s, total_steps, cfg.warmup_steps, cfg.lr_schedule, cfg.min_lr_ratio),
+        )
+        model, optimizer = self.accelerator.prepare(model, optimizer)
+        self.accelerator.register_for_checkpointing(scheduler)
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        return model, optimizer, scheduler
+
+    def register(self, obj: Any) -> None:
+        """Checkpoint this object too (anything with state_dict/load_state_dict: a KL controller, a value model...)."""
+        self.accelerator.register_for_checkpointing(obj)
+
+    # --- data -------------------------------------------------------------------------------------------------------
+    @property
+    def global_batch(self) -> int:
+        return self.cfg.batch_size * self.cfg.grad_accum * self.world_size
+
+    def micro_batches(self, step: int, n_examples: int | None = None) -> list[list[int]]:
+        """This process's micro-batches (lists of example indices) for optimizer step `step`."""
+        idx = step_indices(step, self.global_batch, n_examples or self.n_examples, self.cfg.seed)
+        b, a = self.cfg.batch_size, self.cfg.grad_accum
+        mine = idx[self.rank * a * b : (self.rank + 1) * a * b]
+        return [mine[i * b : (i + 1) * b] for i in range(a)]
+
+    def all_sum(self, local: int | float | torch.Tensor) -> float:
+        """Sum a count (tokens, sequences) over all processes: the denominator of a globally normalised loss."""
+        t = torch.as_tensor(local, dtype=torch.float64, device=self.device)
+        if self.world_size > 1:
+            t = self.accelerator.reduce(t, reduction="sum")
+        return float(t.item())
+
+    # --- the step ---------------------------------------------------------------------------------------------------
+    def backward(self, loss: torch.Tensor, step: int, last_micro: bool = True) -> None:
+        """Backpropagate `loss` (already divided by a global count); skip DDP's all-reduce until the last micro-batch."""
+        self.check_finite(loss, step)
+        ctx = nullcontext() if last_micro or self.world_size == 1 else self.accelerator.no_sync(self.model)
+        with ctx:
+            self.accelerator.backward(loss * self.world_size)  # DDP averages over processes; the loss already sums
+
+    def check_finite(self, loss: torch.Tensor, step: int) -> None:
+        bad = torch.tensor(0.0 if torch.isfinite(loss.detach()).all() else 1.0, device=self.device)
+        if self.world_size > 1:
+            bad = self.accelerator.reduce(bad, reduction="sum")
+        if bad.item() > 0:
+            where = self.run_dir / "model-last-good"
+            if self.model is not None:
+                self.save_model(self.model, None, where, merge=False)
+            self.finish({"error": f"non-finite loss at step {step}"})
+            raise NonFiniteLossError(
+                f"loss became {loss.detach().float().mean().item()} at step {step}; the model before this step "
+                f"is saved in {where}, checkpoints in {self.run_dir / 'checkpoints'}"
+            )
+
+    def optimizer_step(self) -> dict[str, float]:
+        """Clip gradients, step the optimizer and the schedule, zero gradients; returns grad_norm and lr."""
+        grad_norm = 0.0
+        if self.cfg.max_grad_norm > 0:
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            grad_norm = float(self.accelerator.clip_grad_norm_(params, self.cfg.max_grad_norm))
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"grad_norm": grad_norm, "lr": lr}
+
+    def count_tokens(self, n: int) -> None:
+        """Add processed tokens (this process) for the tokens/s figures."""
+        self._tokens += int(n)
+
+    def tokens_per_second(self) -> float:
+        return self.all_sum(self._tokens) / max(1e-9, time.time() - self._t0)
+
+    # --- logging ----------------------------------------------------------------------------------------------------
+    def log(self, step: int, metrics: dict[str, Any], force: bool = False) -> None:
+        """Average metrics over processes, write them (every `log_every` steps) and advance the progress bar."""
+        metrics = {k: _to_float(v) for k, v in metrics.items()}
+        if self.world_size > 1:
+            keys = sorted(k for k, v in metrics.items() if isinstance(v, (int, float)))
+            vals = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=self.device)
+            vals = self.accelerator.reduce(vals, reduction="mean")
+            metrics.update(zip(keys, vals.tolist()))
+        now = time.time()
+        t_prev, tok_prev = self._window
+        metrics["tokens_per_second"] = self.all_sum(self._tokens - tok_prev) / max(1e-9, now - t_prev)
+        self._window = (now, self._tokens)
+        if self.is_main and (force or step % self.cfg.log_every == 0 or step == self.total_steps - 1):
+            if self.logger is None:
+                self.logger = MetricsLogger(self.run_dir, self.resumed_from if self.cfg.resume else None)
+            self.logger.write(step, metrics)
+        self._advance_progress(step, metrics)
+
+    def _advance_progress(self, step: int, metrics: dict[str, float]) -> None:
+        if not (self.cfg.progress and self.is_main):
+            return
+        if self._progress is None:
+            from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self._progress = Progress(
+                TextColumn(f"[bold]{self.command}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                TextColumn("{task.fields[info]}"), TimeRemainingColumn(), transient=False,
+            )
+            self._progress.start()
+            self._task = self._progress.add_task(self.command, total=self.total_steps, info="",
+                                                 completed=self.resumed_from)
+        shown = {k: metrics[k] for k in ("loss", "reward", "kl") if k in metrics}
+        info = " ".join(f"{k}={v:.4g}" for k, v in shown.items()) + f" tok/s={metrics['tokens_per_second']:.0f}"
+        self._progress.update(self._task, completed=step + 1, info=info)
+
+    # --- checkpoints ------------------------------------------------------------------------------------------------
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    def maybe_checkpoint(self, step: int, extra: dict | None = None, force: bool = False) -> None:
+        every = self.cfg.save_every
+        if force or (every > 0 and (step + 1) % every == 0 and step + 1 < self.total_steps):
+            self.save_checkpoint(step + 1, extra)
+
+    def save_checkpoint(self, next_step: int, extra: dict | None = None) -> Path:
+        """Model, optimizer, scheduler, registered objects, RNG states and the data position (the next step)."""
+        path = self.checkpoint_dir / f"step-{next_step:07d}"
+        self.accelerator.save_state(str(path))
+        if self.is_main:
+            (path / "tether_state.json").write_text(json.dumps({"next_step": next_step, "extra": extra or {}}))
+            done = sorted(self.checkpoint_dir.glob("step-*"))
+            for old in done[: max(0, len(done) - self.cfg.keep_checkpoints)]:
+                shutil.rmtree(old, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+        return path
+
+    def resume(self) -> tuple[int, dict]:
+        """With `resume=true`, load the newest checkpoint; returns (first step to run, extra state)."""
+        if not self.cfg.resume:
+            return 0, {}
+        found = sorted(p for p in self.checkpoint_dir.glob("step-*") if (p / "tether_state.json").exists())
+        if not found:
+            raise FileNotFoundError(f"resume=true but no checkpoint in {self.checkpoint_dir}")
+        self.accelerator.load_state(str(found[-1]))
+        state = json.loads((found[-1] / "tether_state.json").read_text())
+        self.resumed_from = state["next_step"]
+        return self.resumed_from, state["extra"]
+
+    # --- outputs ----------------------------------------------------------------------------------------------------
+    def unwrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        return self.accelerator.unwrap_model(model)
+
+    def save_model(self, model, tokenizer=None, path: str | Path | None = None, merge: bool | None = None) -> Path:
+        """Save a normal HF model directory (LoRA merged unless merge_lora=false); returns its path."""
+        path = Path(path or self.run_dir / "model")
+        self.accelerator.wait_for_everyone()
+        if self.is_main:
+            from tether.models import save_pretrained
+
+            merge = self.cfg.merge_lora if merge is None else merge
+            save_pretrained(self.unwrap(model), path, tokenizer=tokenizer, merge_lora=merge)
+        self.accelerator.wait_for_everyone()
+        return path
+
+    def finish(self, summary: dict[str, Any]) -> dict[str, Any]:
+        """Write summary.json (adds wall_seconds), close the logs and the progress bar."""
+        summary = {k: _to_float(v) for k, v in summary.items()}
+        summary.setdefault("wall_seconds", time.time() - self._t0)
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+        if self.is_main:
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            if self.logger is not None:
+                self.logger.close()
+                self.logger = None
+        return summary
