@@ -12,12 +12,19 @@
 from __future__ import annotations
 
 import copy
+import json
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedTokenizerFast,
+)
 from transformers import logging as hf_logging
 
 
@@ -41,7 +48,18 @@ def check_model_dir(path: str | Path) -> Path:
 
 
 def load_tokenizer(path: str | Path):
-    tok = AutoTokenizer.from_pretrained(str(check_model_dir(path)))
+    """AutoTokenizer, except that a directory whose tokenizer is a plain `tokenizers` file loads as exactly that.
+
+    transformers 5 maps some model types (qwen2 among them) to their own tokenizer class whatever the directory says,
+    which silently re-tokenises a custom BPE/word-level tokenizer; the generic fast class keeps it as trained.
+    """
+    path = check_model_dir(path)
+    config_file = path / "tokenizer_config.json"
+    declared = json.loads(config_file.read_text()).get("tokenizer_class", "") if config_file.exists() else ""
+    if declared in ("TokenizersBackend", "PreTrainedTokenizerFast") and (path / "tokenizer.json").exists():
+        tok = PreTrainedTokenizerFast.from_pretrained(str(path))
+    else:
+        tok = AutoTokenizer.from_pretrained(str(path))
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok

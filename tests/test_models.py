@@ -1,0 +1,74 @@
+"""Model loading helpers: tokenizers kept as trained, reward read at the last real token, LoRA reference = base."""
+
+import torch
+from transformers import AutoModelForCausalLM, Qwen2Config
+
+from tether.models import (
+    LoraSettings,
+    apply_lora,
+    disabled_adapters,
+    init_score_head,
+    last_token_index,
+    load_causal_lm,
+    load_reward_model,
+    load_tokenizer,
+    position_ids_from_mask,
+    reward_scores,
+)
+from tether.testing import save_tiny, tiny_tokenizer
+
+
+def test_custom_tokenizer_in_qwen2_dir_is_kept(tmp_path):
+    tok = tiny_tokenizer(chat_template=True)
+    config = Qwen2Config(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    loaded = load_tokenizer(tmp_path)
+    assert loaded("the film was good .").input_ids == tok("the film was good .").input_ids
+    assert loaded.pad_token_id == 0 and loaded.eos_token_id == 1
+
+
+def test_positions_and_last_index():
+    mask = torch.tensor([[1, 1, 1, 0], [0, 0, 1, 1], [1, 0, 0, 0]])
+    assert position_ids_from_mask(mask).tolist() == [[0, 1, 2, 2], [0, 0, 0, 1], [0, 0, 0, 0]]
+    assert last_token_index(mask).tolist() == [2, 3, 0]
+
+
+def test_reward_is_the_same_with_left_right_or_no_padding(tmp_path):
+    save_tiny(tmp_path)
+    rm = load_reward_model(tmp_path).eval()
+    ids = torch.tensor([[6, 11, 21, 1, 0, 0], [0, 0, 6, 11, 21, 1]])
+    mask = (ids != 0).long()
+    with torch.no_grad():
+        both = reward_scores(rm, ids, mask)
+        alone = reward_scores(rm, ids[:1, :4], mask[:1, :4])
+    assert torch.allclose(both[0], both[1], atol=1e-5) and torch.allclose(both[:1], alone, atol=1e-5)
+    rm.config.reward_bias, rm.config.reward_gain = 0.5, 2.0  # normalised = (raw - bias) * gain
+    with torch.no_grad():
+        assert torch.allclose(reward_scores(rm, ids, mask), (both - 0.5) * 2.0, atol=1e-5)
+        assert torch.allclose(reward_scores(rm, ids, mask, normalize=False), both, atol=1e-5)
+
+
+def test_score_head_init_std():
+    head = torch.nn.Linear(255, 1)
+    init_score_head(head, 255, generator=torch.Generator().manual_seed(0))
+    assert abs(head.weight.std().item() - (1 / 256) ** 0.5) < 0.01 and head.bias.abs().sum() == 0
+
+
+def test_dropout_is_off_and_lora_reference_is_the_base(tmp_path):
+    save_tiny(tmp_path)
+    base = load_causal_lm(tmp_path)
+    assert base.config.attention_dropout == 0.0
+    policy = apply_lora(load_causal_lm(tmp_path), LoraSettings(r=4))
+    with torch.no_grad():
+        for p in policy.parameters():
+            if p.requires_grad:
+                p.add_(0.1)  # move the adapters so the policy differs from the base
+    ids = torch.tensor([[6, 11, 21, 28]])
+    with torch.no_grad():
+        with disabled_adapters(policy):
+            ref = policy(input_ids=ids).logits
+        moved = policy(input_ids=ids).logits
+        expected = base(input_ids=ids).logits
+    assert torch.allclose(ref, expected, atol=1e-5) and not torch.allclose(moved, expected, atol=1e-3)
