@@ -1,0 +1,216 @@
+"""Batched sampling with a KV cache: the rollout engine of PPO, GRPO, best-of-N, online DPO and evaluation.
+
+    out = sample(model, prompt_ids, max_new_tokens=64, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                 temperature=1.0, generator=torch.Generator().manual_seed(0), return_logprobs=True)
+    out.sequences        # (B, P+T) left-padded prompt + right-padded response
+    out.response_mask    # (B, T) 1 on response tokens up to and including the first EOS
+    texts = decode_responses(tok, out)
+
+Why not `model.generate`: it is general (beam search, stopping criteria, logits processors, cache classes) and pays
+for it on every step; RL sampling needs one thing — prefill once, then one token per step for every row — and the
+per-step overhead dominates at the small batch shapes of RLHF on a CPU. The loop below does exactly that.
+
+Backends (`BACKENDS`, picked by name):
+- "eager": the loop with transformers' dynamic KV cache (the default).
+- "static": the same loop over a preallocated `StaticCache` of length P+T, so every decode step has the same shapes —
+  the form a CUDA graph (or `torch.compile(mode="reduce-overhead")`) can capture on a GPU. On a CPU it runs eagerly
+  and is tested to give the same tokens as "eager".
+- "hf": `model.generate`, kept as the reference the tests compare against.
+
+Conventions: prompts are left-padded and get explicit `position_ids` (cumsum of the mask − 1), so a padded row gives
+exactly what it gives alone. `temperature == 0` is greedy. The returned `logprobs` are log-probs of the sampled tokens
+under the *tempered, unfiltered* distribution (log_softmax(logits / T)) — the quantity PPO recomputes in
+`sequence_logprobs`; top-k / top-p only decide which token is drawn.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from tether.data import pad_sequences
+from tether.losses import logprobs_from_logits
+from tether.models import position_ids_from_mask
+
+
+@dataclass
+class Rollout:
+    prompt_ids: torch.Tensor  # (B, P) left-padded with pad_token_id
+    prompt_mask: torch.Tensor  # (B, P) 1 on real prompt tokens
+    response_ids: torch.Tensor  # (B, T) right-padded after the first EOS (the EOS itself kept)
+    response_mask: torch.Tensor  # (B, T) 1 on response tokens up to and including the first EOS
+    has_eos: torch.Tensor  # (B,) bool
+    logprobs: torch.Tensor | None = None  # (B, T) sampled-token log-probs under logits / T (0 where masked)
+
+    @property
+    def sequences(self) -> torch.Tensor:  # (B, P+T)
+        return torch.cat([self.prompt_ids, self.response_ids], dim=1)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:  # (B, P+T)
+        return torch.cat([self.prompt_mask, self.response_mask], dim=1).long()
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Keep the top-k logits and the smallest set of tokens whose probability reaches top_p; others -> −inf."""
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop_sorted = cumulative - sorted_logits.softmax(-1) >= top_p  # the mass before a token already reaches p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def pick_tokens(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+                generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, V) last-position logits -> (tokens (B,), their log-probs under log_softmax(logits / T))."""
+    logits = logits.float()
+    if temperature == 0:
+        tokens = logits.argmax(-1)
+        return tokens, torch.log_softmax(logits, -1).gather(-1, tokens[:, None])[:, 0]
+    scaled = logits / temperature
+    probs = filter_logits(scaled, top_k, top_p).softmax(-1)
+    tokens = torch.multinomial(probs, 1, generator=generator)[:, 0]
+    return tokens, torch.log_softmax(scaled, -1).gather(-1, tokens[:, None])[:, 0]
+
+
+def _decode_loop(step, first_logits, batch, max_new_tokens, eos_token_id, pad_token_id, temperature, top_k, top_p,
+                 generator):
+    """Shared token loop: `step(tokens (B,), t)` runs the model on the new tokens and returns next logits (B, V)."""
+    device = first_logits.device
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    tokens_out, logprobs_out = [], []
+    logits = first_logits
+    for t in range(max_new_tokens):
+        tokens, logprobs = pick_tokens(logits, temperature, top_k, top_p, generator)
+        tokens = torch.where(done, torch.full_like(tokens, pad_token_id), tokens)
+        tokens_out.append(tokens)
+        logprobs_out.append(torch.where(done, torch.zeros_like(logprobs), logprobs))
+        done = done | (tokens == eos_token_id)
+        if bool(done.all()) or t == max_new_tokens - 1:
+            break
+        logits = step(tokens, t)
+    return torch.stack(tokens_out, 1), torch.stack(logprobs_out, 1)
+
+
+def _sample_eager(model, ids, mask, max_new_tokens, eos_token_id, pad_token_id, temperature, top_k, top_p, generator):
+    positions = position_ids_from_mask(mask)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+    state = {"past": out.past_key_values, "mask": mask, "pos": positions[:, -1:] + 1}
+
+    def step(tokens, t):
+        state["mask"] = torch.cat([state["mask"], torch.ones_like(tokens[:, None])], dim=1)
+        o = model(input_ids=tokens[:, None], attention_mask=state["mask"], position_ids=state["pos"],
+                  past_key_values=state["past"], use_cache=True)
+        state["past"], state["pos"] = o.past_key_values, state["pos"] + 1
+        return o.logits[:, -1]
+
+    return _decode_loop(step, out.logits[:, -1], len(ids), max_new_tokens, eos_token_id, pad_token_id,
+                        temperature, top_k, top_p, generator)
+
+
+def _sample_static(model, ids, mask, max_new_tokens, eos_token_id, pad_token_id, temperature, top_k, top_p,
+                   generator):
+    """Fixed-shape decode: a preallocated cache and a full-length attention mask, updated in place each step."""
+    from transformers import StaticCache
+
+    batch, prompt_len = ids.shape
+    total = prompt_len + max_new_tokens
+    cache = StaticCache(config=model.config, max_cache_len=total)
+    full_mask = torch.zeros(batch, total, dtype=mask.dtype, device=ids.device)
+    full_mask[:, :prompt_len] = mask
+    positions = position_ids_from_mask(mask)
+    out = model(input_ids=ids, attention_mask=full_mask[:, :prompt_len], position_ids=positions,
+                past_key_values=cache, use_cache=True, cache_position=torch.arange(prompt_len, device=ids.device))
+    pos = positions[:, -1:] + 1
+
+    def step(tokens, t):
+        nonlocal pos
+        index = prompt_len + t
+        full_mask[:, index] = 1
+        o = model(input_ids=tokens[:, None], attention_mask=full_mask, position_ids=pos, past_key_values=cache,
+                  use_cache=True, cache_position=torch.tensor([index], device=ids.device))
+        pos = pos + 1
+        return o.logits[:, -1]
+
+    return _decode_loop(step, out.logits[:, -1], batch, max_new_tokens, eos_token_id, pad_token_id,
+                        temperature, top_k, top_p, generator)
+
+
+def _sample_hf(model, ids, mask, max_new_tokens, eos_token_id, pad_token_id, temperature, top_k, top_p, generator):
+    """`model.generate` (reference path). Log-probs come from one recomputation forward."""
+    if generator is not None:  # generate draws from the global RNG: derive its seed from the generator
+        torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
+    kwargs = {"do_sample": False} if temperature == 0 else {"do_sample": True, "temperature": temperature,
+                                                              "top_k": top_k or None, "top_p": top_p}
+    seqs = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
+                          pad_token_id=pad_token_id, min_new_tokens=0, **kwargs)
+    response = seqs[:, ids.shape[1]:]
+    attention = torch.cat([mask, torch.ones_like(response)], dim=1)
+    logprobs = sequence_logprobs(model, torch.cat([ids, response], 1), attention, ids.shape[1], temperature or 1.0)
+    return response, logprobs
+
+
+BACKENDS = {"eager": _sample_eager, "static": _sample_static, "hf": _sample_hf}
+
+
+def _response_mask(response: torch.Tensor, eos_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """1 up to and including the first EOS; has_eos per row."""
+    is_eos = response == eos_token_id
+    after_eos = (is_eos.cumsum(1) - is_eos.long()) > 0  # strictly after the first EOS
+    return (~after_eos).long(), is_eos.any(1)
+
+
+@torch.no_grad()
+def sample(model, prompts: Sequence[Sequence[int]] | torch.Tensor, max_new_tokens: int, *, eos_token_id: int,
+           pad_token_id: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+           generator: torch.Generator | None = None, return_logprobs: bool = False, backend: str = "auto",
+           prompt_mask: torch.Tensor | None = None) -> Rollout:
+    """Sample one response per prompt (repeat prompts for several); see the module docstring."""
+    device = next(model.parameters()).device
+    if isinstance(prompts, torch.Tensor):
+        ids = prompts.to(device)
+        mask = (prompt_mask if prompt_mask is not None else torch.ones_like(ids)).to(device).long()
+    else:
+        ids = pad_sequences(prompts, pad_token_id, side="left").to(device)
+        mask = pad_sequences([[1] * len(p) for p in prompts], 0, side="left").to(device)
+    if backend == "auto":
+        backend = "eager"
+    was_training = model.training
+    model.eval()
+    try:
+        response, logprobs = BACKENDS[backend](model, ids, mask, max_new_tokens, eos_token_id, pad_token_id,
+                                               temperature, top_k, top_p, generator)
+    finally:
+        model.train(was_training)
+    response_mask, has_eos = _response_mask(response, eos_token_id)
+    response = response.masked_fill(response_mask == 0, pad_token_id)
+    logprobs = logprobs.float() * response_mask if return_logprobs else None
+    return Rollout(ids, mask, response, response_mask, has_eos, logprobs)
+
+
+def sequence_logprobs(model, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int,
+                      temperature: float = 1.0) -> torch.Tensor:
+    """(B, T) log-probs of the response tokens sequences[:, prompt_len:] under logits / T, in one forward.
+
+    Masked (padding) positions are returned as computed; multiply by the response mask.
+    """
+    out = model(input_ids=sequences, attention_mask=attention_mask,
+                position_ids=position_ids_from_mask(attention_mask), use_cache=False)
+    logits = out.logits[:, prompt_len - 1 : -1]  # (B, T, V): position t predicts token t+1
+    return logprobs_from_logits(logits, sequences[:, prompt_len:], temperature=temperature)
+
+
+def decode_responses(tokenizer, rollout: Rollout) -> list[str]:
+    """Response texts without EOS and padding."""
+    texts = []
+    for ids, mask in zip(rollout.response_ids.tolist(), rollout.response_mask.tolist()):
+        kept = [i for i, m in zip(ids, mask) if m and i != tokenizer.eos_token_id]
+        texts.append(tokenizer.decode(kept, skip_special_tokens=True))
+    return texts

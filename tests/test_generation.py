@@ -1,0 +1,114 @@
+"""The sampling loop: greedy equals `model.generate` and a no-cache loop, padding changes nothing, sampling is
+seeded and distributed like the model's softmax, sampling-time log-probs equal the recomputation, EOS is handled."""
+
+import math
+
+import pytest
+import torch
+
+from tether.generation import BACKENDS, decode_responses, filter_logits, sample, sequence_logprobs
+from tether.testing import tiny_causal_lm, tiny_tokenizer
+
+EOS, PAD = 1, 0
+
+
+@pytest.fixture(scope="module")
+def lm():
+    tok = tiny_tokenizer()
+    return tok, tiny_causal_lm(tok, seed=1, hidden=64).eval()
+
+
+def prompts(tok):
+    return [tok("the film was").input_ids, tok("i loved this book and").input_ids, tok("it").input_ids]
+
+
+def greedy_no_cache(model, ids, n):
+    ids = torch.tensor([ids])
+    for _ in range(n):
+        nxt = model(input_ids=ids).logits[0, -1].argmax()
+        ids = torch.cat([ids, nxt.view(1, 1)], 1)
+        if nxt.item() == EOS:
+            break
+    return ids[0].tolist()
+
+
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
+def test_greedy_matches_no_cache_loop_and_padding_changes_nothing(lm, backend):
+    tok, model = lm
+    ps = prompts(tok)
+    out = sample(model, ps, 10, eos_token_id=EOS, pad_token_id=PAD, temperature=0, backend=backend)
+    for row, p in enumerate(ps):
+        n = int(out.response_mask[row].sum())
+        assert p + out.response_ids[row, :n].tolist() == greedy_no_cache(model, p, 10)[: len(p) + n]
+
+
+def test_sampling_is_seeded(lm):
+    tok, model = lm
+    a = sample(model, prompts(tok), 8, eos_token_id=EOS, pad_token_id=PAD, generator=torch.Generator().manual_seed(3))
+    b = sample(model, prompts(tok), 8, eos_token_id=EOS, pad_token_id=PAD, generator=torch.Generator().manual_seed(3))
+    c = sample(model, prompts(tok), 8, eos_token_id=EOS, pad_token_id=PAD, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(a.response_ids, b.response_ids) and not torch.equal(a.response_ids, c.response_ids)
+
+
+def test_first_token_frequencies_follow_the_softmax(lm):
+    tok, model = lm
+    p = tok("the film was").input_ids
+    n = 4000
+    out = sample(model, [p] * n, 1, eos_token_id=EOS, pad_token_id=PAD, temperature=0.8,
+                 generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        probs = (model(input_ids=torch.tensor([p])).logits[0, -1] / 0.8).softmax(-1)
+    counts = torch.bincount(out.response_ids[:, 0], minlength=len(probs)).float()
+    expected = probs * n
+    keep = expected >= 5  # chi-square over well-populated cells, the rest pooled
+    observed, exp = counts[keep], expected[keep]
+    if expected[~keep].sum() > 1:
+        observed = torch.cat([observed, counts[~keep].sum().view(1)])
+        exp = torch.cat([exp, expected[~keep].sum().view(1)])
+    chi2 = (((observed - exp) ** 2) / exp).sum().item()
+    dof = len(exp) - 1
+    assert chi2 < dof + 4 * math.sqrt(2 * dof), (chi2, dof)  # ~4 sigma above the mean of a chi-square
+
+
+def test_sampled_logprobs_equal_recomputation(lm):
+    tok, model = lm
+    out = sample(model, prompts(tok), 12, eos_token_id=EOS, pad_token_id=PAD, temperature=0.7, return_logprobs=True,
+                 generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        again = sequence_logprobs(model, out.sequences, out.attention_mask, out.prompt_ids.shape[1], 0.7)
+    assert torch.allclose(again * out.response_mask, out.logprobs, atol=1e-5)
+
+
+def test_response_mask_stops_after_first_eos():
+    from tether.generation import _response_mask
+
+    response = torch.tensor([[5, 6, EOS, 7, EOS, 8], [5, 6, 7, 8, 9, 10], [EOS, 4, 4, 4, 4, 4]])
+    mask, has_eos = _response_mask(response, EOS)
+    assert mask.tolist() == [[1, 1, 1, 0, 0, 0], [1] * 6, [1, 0, 0, 0, 0, 0]]
+    assert has_eos.tolist() == [True, False, True]
+
+
+def test_rows_that_finish_are_padded(lm):
+    tok, model = lm
+    out = sample(model, prompts(tok) * 4, 16, eos_token_id=EOS, pad_token_id=PAD, temperature=1.5,
+                 generator=torch.Generator().manual_seed(0))
+    for ids, m, eos in zip(out.response_ids, out.response_mask, out.has_eos):
+        n = int(m.sum())
+        assert (ids[n:] == PAD).all() and (ids[: n - 1] != EOS).all()
+        assert bool(eos) == (ids[n - 1].item() == EOS)
+
+
+def test_filter_top_k_and_top_p():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    assert torch.isinf(filter_logits(logits, top_k=2)).tolist() == [[False, False, True, True]]
+    # top_p 0.75: 0.5 then 0.3 reaches 0.8 >= 0.75; the rest dropped
+    assert torch.isinf(filter_logits(logits, top_p=0.75)).tolist() == [[False, False, True, True]]
+    assert torch.isinf(filter_logits(logits, top_p=0.5)).tolist() == [[False, True, True, True]]
+
+
+def test_decode_strips_eos_and_padding(lm):
+    tok, model = lm
+    out = sample(model, prompts(tok), 5, eos_token_id=EOS, pad_token_id=PAD, temperature=0)
+    out.response_ids[0] = torch.tensor([6, 11, EOS, PAD, PAD])
+    out.response_mask[0] = torch.tensor([1, 1, 1, 0, 0])
+    assert decode_responses(tok, out)[0] == "the film"
