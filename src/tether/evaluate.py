@@ -89,10 +89,11 @@ def evaluate_policy(model, tokenizer, task, records: list[dict], n_samples: int 
         _, g_prompts, g_completions, _ = _generate(model, tokenizer, records, 1, max_new_tokens, 0.0, batch_size,
                                                    generator)
         result["accuracy"] = sum(task.gold_reward(g_prompts, g_completions, records)) / len(records)
+    shown = range(0, min(len(rows), n_show * n_samples), n_samples)  # the first sample of the first prompts
     result["samples"] = [
-        {"prompt": p if isinstance(p, str) else json.dumps(p), "completion": c,
+        {"prompt": prompts[i] if isinstance(prompts[i], str) else json.dumps(prompts[i]), "completion": completions[i],
          **({"gold": gold[i].item()} if gold is not None else {})}
-        for i, (p, c) in enumerate(zip(prompts[:n_show * n_samples:n_samples], completions[:n_show * n_samples:n_samples]))
+        for i in shown
     ]
     return result
 

@@ -1,0 +1,93 @@
+"""Pretraining a tiny causal LM on a generated corpus, and the cache the embedded tasks build into.
+
+This is not a recipe: it is how an embedded task makes its *base model* (what a downloaded checkpoint would be
+elsewhere). A short, plain AdamW loop over packed token blocks, deterministic for a seed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("TETHER_CACHE", Path.home() / ".cache" / "tether"))
+
+
+def cache_dir(task: str, settings: dict) -> Path:
+    """`<cache>/<task>-<hash of settings>`: a change of version or settings builds anew."""
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    return cache_root() / f"{task}-{digest}"
+
+
+def build_cached(target: Path, build: Callable[[Path], None], force: bool = False) -> Path:
+    """Build into a temporary sibling and rename, so an interrupted build never leaves a half cache."""
+    if target.exists() and not force:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+    try:
+        build(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def tiny_llama(vocab_size: int, hidden: int, layers: int, heads: int, max_len: int, pad_id: int, eos_id: int,
+               seed: int):
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=hidden * 3, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=max_len,
+        tie_word_embeddings=True, pad_token_id=pad_id, eos_token_id=eos_id, bos_token_id=eos_id,
+        attention_dropout=0.0, rope_theta=10000.0,
+    )
+    return AutoModelForCausalLM.from_config(config)
+
+
+def pack_blocks(token_lists: list[list[int]], block: int) -> torch.Tensor:
+    """Concatenate documents (each already ending in EOS) and cut into (N, block) rows."""
+    flat = [t for doc in token_lists for t in doc]
+    n = len(flat) // block
+    return torch.tensor(flat[: n * block]).view(n, block)
+
+
+def pretrain(model, blocks: torch.Tensor, steps: int, batch_size: int, lr: float, seed: int,
+             log_every: int = 100, name: str = "pretrain") -> list[float]:
+    """Next-token cross-entropy on random batches of packed blocks; cosine decay with 5% warmup."""
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.95))
+    warmup = max(1, steps // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / (steps - warmup))))
+    model.train()
+    losses, t0 = [], time.time()
+    for step in range(steps):
+        rows = torch.randint(0, len(blocks), (batch_size,), generator=generator)
+        batch = blocks[rows]  # (B, L)
+        logits = model(input_ids=batch).logits[:, :-1]
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if log_every and (step % log_every == 0 or step == steps - 1):
+            print(f"  {name} step {step + 1}/{steps} loss {loss.item():.3f} ({time.time() - t0:.0f}s)", flush=True)
+    model.eval()
+    return losses

@@ -1,0 +1,47 @@
+"""The `arithmetic` task: the systematic error, the verifier's edge cases, disjoint splits, a loadable base model."""
+
+import pytest
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tether.tasks import arithmetic as A
+
+
+@pytest.mark.parametrize("a,b,op,wrong", [(47, 38, "+", 75), (99, 99, "+", 88), (12, 34, "+", 46),
+                                          (52, 37, "-", 25), (37, 52, "-", -25), (50, 50, "-", 0)])
+def test_forgot_carry(a, b, op, wrong):
+    assert A.forgot_carry(a, b, op) == wrong
+
+
+@pytest.mark.parametrize("text,answer,score", [
+    (" 85", 85, 1.0), ("85", 85, 1.0), (" 085 ", 85, 1.0), (" +85", 85, 1.0), (" -43", -43, 1.0), ("- 43", -43, 1.0),
+    (" 43", -43, 0.0), (" 86", 85, 0.0), ("85 apples", 85, 0.0), ("", 85, 0.0), ("eighty-five", 85, 0.0),
+    (" 8 5", 85, 0.0), ("\x00", 85, 0.0),
+])
+def test_verify_edge_cases(text, answer, score):
+    assert A.verify(text, answer) == score
+
+
+def test_format_and_gold_needs_records():
+    assert A.format_ok(" 12") and not A.format_ok("12?")
+    assert A.gold_reward(["q"], [" 3"], [{"answer": 3}]) == [1.0]
+    with pytest.raises(ValueError, match="records"):
+        A.gold_reward(["q"], [" 3"])
+
+
+def test_splits_disjoint_and_answers_right():
+    train = A.prompts("train", 300)
+    test = A.prompts("test", 100)
+    assert not {r["prompt"] for r in train} & {r["prompt"] for r in test}
+    for r in test[:20]:
+        a, op, b = r["prompt"][8:-1].partition("+") if "+" in r["prompt"] else r["prompt"][8:-1].partition("-")
+        assert r["answer"] == (int(a) + int(b) if op == "+" else int(a) - int(b))
+
+
+def test_tokenizer_round_trip_and_tiny_build(tmp_path):
+    tok = A.char_tokenizer()
+    assert tok.decode(tok("What is 47+38? 85").input_ids) == "What is 47+38? 85"
+    path = A.build_base(tmp_path / "b", examples=200, steps=3, batch=8, hidden=32, layers=1)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    tok = AutoTokenizer.from_pretrained(path)
+    ids = tok("What is 12+34?", return_tensors="pt").input_ids
+    assert model.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=0).shape[1] == ids.shape[1] + 2
