@@ -24,7 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sft": ("tether.recipes.sft", "SFTConfig"),
     "rm": ("tether.recipes.reward", "RewardConfig"),
     "rm eval": ("tether.recipes.reward_eval", "RMEvalConfig"),
-    "rm score": ("tether.recipes.reward_eval", "RMScoreConfig"),
+    "rm score": ("tether.recipes.reward_score", "RMScoreConfig"),
     "ppo": ("tether.recipes.ppo", "PPOConfig"),
     "dpo": ("tether.recipes.dpo", "DPOConfig"),
     "grpo": ("tether.recipes.grpo", "GRPOConfig"),

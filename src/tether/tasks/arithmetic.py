@@ -106,7 +106,7 @@ def worked_examples(n: int, seed: int, p_error: float, ops: str, digits: int) ->
     return texts
 
 
-SETTINGS = {"version": VERSION, "ops": "+-", "digits": 2, "p_error": 0.6, "examples": 40000, "hidden": 128,
+SETTINGS = {"version": VERSION, "ops": "+-", "digits": 2, "p_error": 0.75, "examples": 40000, "hidden": 128,
             "layers": 4, "heads": 4, "steps": 3000, "batch": 64, "lr": 2e-3}
 CHARS = list("0123456789+-*=? Whatis")
 

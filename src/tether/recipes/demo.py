@@ -1,0 +1,122 @@
+"""`tether demo`: the whole RLHF pipeline on the embedded `reviews` task, with a report, on a laptop CPU.
+
+    tether demo                                 # base model (cached) -> data -> SFT -> RM -> PPO -> DPO -> report
+    tether demo stages=sft,rm,ppo               # a subset, in this order
+    tether demo overopt=true                    # also PPO with β = 0: proxy reward up, gold reward down
+    tether demo out=runs/demo2 ppo_max_steps=300 ppo_kl_coef=0.1
+
+Steps: tasks.reviews.build_base (tokenizer + tiny pretrained model, cached in $TETHER_CACHE or ~/.cache/tether) ->
+tasks.reviews.write_data (prompts, demonstrations, comparisons labelled by simulated raters) -> the pipeline stages,
+each in out/<stage> with its own summary.json (a finished stage is skipped when the demo runs again) -> report.html
+and PNGs in `out` (report.py), and a short summary in the terminal.
+
+Stages: sft, rm, ppo, dpo (when tether.recipes.dpo is installed) and ppo_nokl (PPO with the KL tether off, to show
+over-optimisation; selected by overopt=true or by name). Every setting of a stage is a key <prefix>_<key> as in
+`tether pipeline` (ppo_nokl shares the ppo_* keys; its steps are nokl_max_steps). The defaults below are what fits
+the 10-minute budget on two CPU cores; the module-level DEMO_DEFAULTS says which and why.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from tether.config import opt
+from tether.recipes.pipeline import STAGES, PipelineBase, Stage, prefixed_fields, run_stage
+
+log = logging.getLogger(__name__)
+
+DEMO_STAGES: dict[str, Stage] = {**STAGES}
+if importlib.util.find_spec("tether.recipes.dpo") is not None:
+    DEMO_STAGES["dpo"] = Stage("dpo", "tether.recipes.dpo", "DPOConfig")
+DEMO_STAGES["ppo_nokl"] = Stage("ppo", "tether.recipes.ppo", "PPOConfig")
+
+# Demo defaults (measured on two CPU cores, see the PPO recipe's docstring for the PPO choices).
+DEMO_DEFAULTS = {
+    "sft_epochs": 1.0,
+    "sft_lr": 3e-4,
+    "sft_batch_size": 32,
+    "sft_max_prompt_len": 32,
+    "sft_max_completion_len": 64,
+    "rm_lr": 2e-3,
+    "rm_epochs": 2.0,
+    "rm_batch_size": 32,
+    "rm_max_prompt_len": 32,
+    "rm_max_completion_len": 64,
+    "ppo_max_steps": 60,
+    "ppo_rollout_batch": 64,
+    "ppo_batch_size": 32,
+    "ppo_num_minibatches": 2,
+    "ppo_max_new_tokens": 48,
+    "ppo_lr": 3e-5,
+    "ppo_n_eval_prompts": 64,
+    "ppo_eval_samples": 2,
+    "ppo_eval_every": 20,
+    "dpo_max_prompt_len": 32,
+    "dpo_max_completion_len": 64,
+}
+
+
+@dataclass
+class DemoBase(PipelineBase):
+    out: str = opt("runs/demo", "run directory: data/, one subdirectory per stage, report.html")
+    model: str = opt("", "base model (default: tasks.reviews.build_base(), built once and cached)")
+    task: str = opt("reviews", "the embedded task (the demo's data and gold reward come from it)")
+    stages: str = opt("", "stages to run in order (default: sft,rm,ppo and dpo when available)")
+    overopt: bool = opt(False, "also run ppo_nokl: PPO with β = 0, to show over-optimisation")
+    nokl_max_steps: int = opt(120, "PPO steps of the β = 0 run")
+    n_sft: int = opt(2000, "demonstrations written for SFT")
+    n_pairs: int = opt(2000, "comparisons labelled by the simulated raters for the reward model (and DPO)")
+    report: bool = opt(True, "write report.html + PNGs and print a summary")
+
+    def stage_list(self) -> list[str]:
+        if self.stages.strip():
+            return super().stage_list()
+        default = ["sft", "rm", "ppo"] + (["dpo"] if "dpo" in DEMO_STAGES else [])
+        return default + (["ppo_nokl"] if self.overopt else [])
+
+    @classmethod
+    def stage_table(cls) -> dict[str, Stage]:
+        return DEMO_STAGES
+
+
+DemoConfig = dataclasses.make_dataclass(
+    "DemoConfig", prefixed_fields(DEMO_STAGES, DEMO_DEFAULTS), bases=(DemoBase,), namespace={"__module__": __name__})
+
+
+def prepare(cfg) -> Path:
+    """Base model and data: fills `model` and the data keys left empty; returns the data directory."""
+    from tether.tasks import get_task
+
+    task = get_task(cfg.task)
+    if not cfg.model:
+        cfg.model = str(task.build_base(seed=cfg.seed))
+    data = Path(cfg.out) / "data"
+    if not (data / "prefs.jsonl").exists():
+        task.write_data(data, n_sft=cfg.n_sft, n_pairs=cfg.n_pairs, n_rankings=0, seed=cfg.seed)
+    fill = {"sft_data": data / "sft.jsonl", "rm_data": data / "prefs.jsonl", "ppo_prompts": data / "prompts_train.jsonl",
+            "ppo_eval_prompts": data / "prompts_test.jsonl", "dpo_data": data / "prefs.jsonl",
+            "dpo_eval_prompts": data / "prompts_test.jsonl"}
+    for key, value in fill.items():
+        if hasattr(cfg, key) and not getattr(cfg, key):
+            setattr(cfg, key, str(value))
+    return data
+
+
+def run(cfg) -> dict:
+    prepare(cfg)
+    summaries = {}
+    for name in cfg.stage_list():
+        overrides = {"kl_coef": 0.0, "max_steps": cfg.nokl_max_steps} if name == "ppo_nokl" else None
+        summaries[name] = run_stage(cfg, name, overrides)
+    out = {f"{name}/{k}": v for name, s in summaries.items() for k, v in s.items()}
+    if cfg.report:
+        from tether.report import text_summary, write_report
+
+        out["report"] = str(write_report(cfg.out))
+        print(text_summary(cfg.out))
+        print(f"report: {out['report']}")
+    return out

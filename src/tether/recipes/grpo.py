@@ -1,0 +1,296 @@
+"""GRPO, RLOO, Dr. GRPO and REINFORCE++ with verifiable rewards (RLVR): `tether grpo`.
+
+    tether grpo task=arithmetic                          # builds the base model if missing, then GRPO
+    tether grpo task=arithmetic estimator=rloo           # leave-one-out baseline
+    tether grpo model=DIR prompts=math.jsonl rewards=math,format reward_weights=1,0.2 beta=0
+
+One step (REFERENCE.md "Group / critic-free policy gradients"):
+1. `prompts_per_step` prompts, each sampled `group_size` times (rows of a prompt are contiguous);
+2. every reward function scores every completion (each logged on its own), the weighted sum is the score; a response
+   with no EOS gets the soft overlong penalty when `overlong_cache` > 0 (DAPO); with `dynamic_sampling`, groups whose
+   scores are all equal carry no signal and are replaced by fresh prompts (bounded tries);
+3. advantages from the named estimator (`advantages.ADVANTAGE_ESTIMATORS`), broadcast over response tokens;
+4. `ppo_epochs` passes of the clipped surrogate (clip-higher via clip_high) aggregated by `aggregation`, plus
+   β·k3 KL to the reference in the loss. With β = 0 no reference model is loaded at all.
+The old log-probs are the sampling-time log-probs (tempered, unfiltered: exactly what a recompute gives, see
+generation.py), so no extra forward is spent on them. Losses are divided by counts over the whole step, so
+micro-batch size does not change the update.
+Default departures from DeepSeekMath, for a tiny model on two CPU cores: G = 8 (paper 64), lr 2e-5, 1 epoch.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from tether import data as D
+from tether.advantages import ADVANTAGE_ESTIMATORS, kl_penalized_rewards
+from tether.config import ConfigError, opt
+from tether.engine import Engine, TrainConfig, step_indices
+from tether.generation import decode_responses, sample, sequence_logprobs
+from tether.kl import kl_k3
+from tether.losses import AGGREGATIONS, masked_mean, ppo_policy_loss
+from tether.models import (
+    LoraSettings,
+    disabled_adapters,
+    frozen_copy,
+    has_adapters,
+    load_causal_lm,
+    load_tokenizer,
+)
+from tether.rewards import FunctionReward, RewardSource
+from tether.rewards.format import soft_overlong_penalty
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GRPOConfig(TrainConfig):
+    model: str = opt("", "policy to train (default: the task's base model, built if missing)")
+    task: str = opt("arithmetic", "embedded task giving prompts and the verifier: arithmetic | reviews | none")
+    prompts: str = opt("", "training prompts with answers/tests (verifiable records); default: the task's")
+    eval_prompts: str = opt("", "held-out prompts (default: the task's test split)")
+    rewards: str = opt("task", "comma list of reward specs: task, math, format, code, python:mod:fn, rm:DIR")
+    reward_weights: str = opt("", "comma list of weights, one per reward (default: all 1)")
+    estimator: str = opt("grpo", "advantage estimator: grpo | dr_grpo | rloo | reinforce_pp")
+    aggregation: str = opt("seq-mean-token-mean", "loss aggregation: token-mean | seq-mean-token-mean | "
+                           "seq-mean-token-sum-norm")
+    group_size: int = opt(8, "samples per prompt (G)")
+    prompts_per_step: int = opt(16, "prompts per optimizer step")
+    max_new_tokens: int = opt(8, "generation budget per response")
+    temperature: float = opt(1.0, "sampling temperature (log-probs use logits / T)")
+    beta: float = opt(0.04, "KL-in-loss coefficient (k3); 0 = no reference model loaded")
+    clip_low: float = opt(0.2, "PPO clip ε (lower)")
+    clip_high: float = opt(0.2, "PPO clip upper ε (DAPO clip-higher: 0.28)")
+    ppo_epochs: int = opt(1, "passes over each batch (1: the ratio is 1 and the loss is the policy gradient)")
+    dynamic_sampling: bool = opt(False, "drop groups whose scores are all equal and refill them (DAPO)")
+    max_refills: int = opt(4, "extra sampling rounds per step for dynamic sampling")
+    overlong_cache: int = opt(0, "DAPO soft overlong penalty window Lc in tokens (0 = off)")
+    n_train_prompts: int = opt(4000, "task prompts in the training pool")
+    n_eval_prompts: int = opt(200, "held-out prompts for accuracy_start / accuracy_end")
+    eval_every: int = opt(0, "held-out greedy accuracy every N steps (0 = start and end only)")
+    lr: float = opt(2e-5, "peak learning rate (AdamW)")
+    lr_schedule: str = opt("constant", "learning-rate schedule after warmup")
+    max_steps: int = opt(60, "optimizer steps")
+    batch_size: int = opt(64, "rows per forward/backward micro-batch")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.estimator not in ADVANTAGE_ESTIMATORS:
+            raise ConfigError(f"key 'estimator' must be one of {sorted(ADVANTAGE_ESTIMATORS)}, got {self.estimator!r}")
+        if self.aggregation not in AGGREGATIONS:
+            raise ConfigError(f"key 'aggregation' must be one of {sorted(AGGREGATIONS)}, got {self.aggregation!r}")
+        if self.group_size < 2:
+            raise ConfigError("key 'group_size' must be >= 2 (group baselines need two samples)")
+
+
+def build_rewards(cfg: GRPOConfig, task) -> list[tuple[str, RewardSource, float]]:
+    """(name, source, weight) per reward spec; "task" is the task's verifier/gold reward."""
+    from tether.rewards.spec import reward_from_spec
+
+    names = [s.strip() for s in cfg.rewards.split(",") if s.strip()]
+    weights = [float(w) for w in cfg.reward_weights.split(",")] if cfg.reward_weights else [1.0] * len(names)
+    if len(weights) != len(names):
+        raise ConfigError(f"key 'reward_weights' has {len(weights)} values for {len(names)} rewards")
+    out = []
+    for name, weight in zip(names, weights):
+        if name == "task":
+            if task is None:
+                raise ConfigError("rewards=task needs task=NAME")
+            out.append((name, FunctionReward(task.gold_reward, name="task"), weight))
+        else:
+            out.append((name, reward_from_spec(name), weight))
+    return out
+
+
+def score(rewards, prompts, completions, records) -> tuple[torch.Tensor, dict[str, float]]:
+    """Weighted sum of every reward source; each source's mean is returned for logging."""
+    total, parts = torch.zeros(len(completions)), {}
+    for name, source, weight in rewards:
+        s = source(prompts, completions, records).scores.float().cpu()
+        total += weight * s
+        parts[f"reward/{name}"] = s.mean().item()
+    return total, parts
+
+
+def load_prompts(cfg: GRPOConfig, task, split: str) -> list[dict]:
+    path = cfg.prompts if split == "train" else cfg.eval_prompts
+    if path:
+        return list(D.load_records(path, "verifiable" if split == "train" else "prompts"))
+    if task is None:
+        raise ConfigError(f"grpo needs {'prompts' if split == 'train' else 'eval_prompts'}=FILE or task=NAME")
+    n = cfg.n_train_prompts if split == "train" else cfg.n_eval_prompts
+    return task.prompts(split, n, seed=cfg.seed)
+
+
+def rollout(cfg, model, tokenizer, records, rewards, generator):
+    """Sample G per record; returns rows (records repeated), the Rollout, scores (B,) and reward metrics."""
+    rows = [r for r in records for _ in range(cfg.group_size)]
+    ids = [D.encode_prompt(tokenizer, D.prompt_of(r))[0] for r in rows]
+    out = sample(model, ids, cfg.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                 pad_token_id=tokenizer.pad_token_id, temperature=cfg.temperature, generator=generator,
+                 return_logprobs=True)
+    completions = decode_responses(tokenizer, out)
+    scores, parts = score(rewards, [D.prompt_of(r) for r in rows], completions, rows)
+    if cfg.overlong_cache > 0:
+        lengths = out.response_mask.sum(1).float()
+        lengths = torch.where(out.has_eos, lengths, torch.full_like(lengths, cfg.max_new_tokens + 1))
+        scores = scores + soft_overlong_penalty(lengths, cfg.max_new_tokens, cfg.overlong_cache)
+    return rows, out, scores, parts
+
+
+def informative_groups(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(n_groups,) True where a group's scores are not all equal (only those carry a learning signal)."""
+    grouped = scores.view(-1, group_size)
+    return (grouped.max(1).values - grouped.min(1).values) > 1e-8
+
+
+def concat_rollouts(parts: list, pad_id: int) -> tuple:
+    """Join (rows, Rollout, scores) pieces, padding prompt (left) and response (right) widths to match."""
+    from tether.generation import Rollout
+
+    pad_p = max(r.prompt_ids.shape[1] for _, r, _ in parts)
+    pad_t = max(r.response_ids.shape[1] for _, r, _ in parts)
+
+    def widen(x, width, left, value):
+        extra = width - x.shape[1]
+        fill = torch.full((x.shape[0], extra), value, dtype=x.dtype, device=x.device)
+        return torch.cat([fill, x] if left else [x, fill], 1)
+
+    rows = [row for rs, _, _ in parts for row in rs]
+    roll = Rollout(
+        torch.cat([widen(r.prompt_ids, pad_p, True, pad_id) for _, r, _ in parts]),
+        torch.cat([widen(r.prompt_mask, pad_p, True, 0) for _, r, _ in parts]),
+        torch.cat([widen(r.response_ids, pad_t, False, pad_id) for _, r, _ in parts]),
+        torch.cat([widen(r.response_mask, pad_t, False, 0) for _, r, _ in parts]),
+        torch.cat([r.has_eos for _, r, _ in parts]),
+        torch.cat([widen(r.logprobs, pad_t, False, 0.0) for _, r, _ in parts]),
+    )
+    return rows, roll, torch.cat([s for _, _, s in parts])
+
+
+def collect(cfg, model, tokenizer, pool, rewards, step, generator) -> tuple:
+    """One step's batch; with dynamic sampling, uninformative groups are dropped and refilled from the pool."""
+    records = [pool[i] for i in step_indices(step, cfg.prompts_per_step, len(pool), cfg.seed)]
+    rows, roll, scores, parts = rollout(cfg, model, tokenizer, records, rewards, generator)
+    metrics = {**parts, "score": scores.mean().item()}
+    if not cfg.dynamic_sampling:
+        return rows, roll, scores, metrics
+    keep = informative_groups(scores, cfg.group_size)
+    metrics["groups_informative"] = keep.float().mean().item()
+    pieces = [_select(rows, roll, scores, keep, cfg.group_size)]
+    have, tries = int(keep.sum()), 0
+    while have < cfg.prompts_per_step and tries < cfg.max_refills:
+        tries += 1
+        extra = [pool[i] for i in step_indices(10_000 * (step + 1) + tries, cfg.prompts_per_step, len(pool), cfg.seed)]
+        r2, ro2, s2, _ = rollout(cfg, model, tokenizer, extra, rewards, generator)
+        k2 = informative_groups(s2, cfg.group_size)
+        need = cfg.prompts_per_step - have
+        k2 &= torch.cumsum(k2.long(), 0) <= need
+        pieces.append(_select(r2, ro2, s2, k2, cfg.group_size))
+        have += int(k2.sum())
+    pieces = [p for p in pieces if p[0]]
+    if not pieces:
+        return [], None, torch.zeros(0), metrics
+    rows, roll, scores = concat_rollouts(pieces, tokenizer.pad_token_id)
+    return rows, roll, scores, metrics
+
+
+def _select(rows, roll, scores, keep_groups, group_size):
+    from tether.generation import Rollout
+
+    keep = keep_groups.repeat_interleave(group_size)
+    idx = keep.nonzero()[:, 0]
+    sub = Rollout(roll.prompt_ids[idx], roll.prompt_mask[idx], roll.response_ids[idx], roll.response_mask[idx],
+                  roll.has_eos[idx], roll.logprobs[idx])
+    return [rows[i] for i in idx.tolist()], sub, scores[idx]
+
+
+def greedy_accuracy(model, tokenizer, task, records, cfg) -> float:
+    from tether.evaluate import evaluate_policy
+
+    result = evaluate_policy(model, tokenizer, task, records, n_samples=1, max_new_tokens=cfg.max_new_tokens,
+                             temperature=0.0, batch_size=256, seed=cfg.seed)
+    return result.get("accuracy", result.get("gold_mean", float("nan")))
+
+
+def run(cfg: GRPOConfig) -> dict:
+    from tether.tasks import get_task
+
+    task = None if cfg.task in ("", "none") else get_task(cfg.task)
+    if not cfg.model:
+        if task is None:
+            raise ConfigError("grpo needs model=DIR or task=NAME")
+        cfg.model = str(task.build_base(seed=cfg.seed))
+    engine = Engine(cfg, "grpo")
+    tokenizer = load_tokenizer(cfg.model)
+    model = load_causal_lm(cfg.model, LoraSettings.from_config(cfg))
+    reference = None
+    if cfg.beta > 0 and not has_adapters(model):
+        reference = frozen_copy(model).to(engine.device)  # with LoRA: the base with adapters off instead
+    rewards = build_rewards(cfg, task)
+    pool, held = load_prompts(cfg, task, "train"), load_prompts(cfg, task, "test")
+    model, _, _ = engine.setup(model, cfg.max_steps)
+    start, _ = engine.resume()
+    policy = engine.unwrap(model)
+    accuracy_start = greedy_accuracy(policy, tokenizer, task, held, cfg) if task else float("nan")
+    log.info("grpo: held-out greedy accuracy at start %.3f", accuracy_start)
+    estimator = ADVANTAGE_ESTIMATORS[cfg.estimator]
+    kl_value = float("nan")
+
+    for step in range(start, cfg.max_steps):
+        generator = torch.Generator(device=engine.device).manual_seed(cfg.seed * 1_000_003 + engine.rank * 7919 + step)
+        rows, roll, scores, metrics = collect(cfg, policy, tokenizer, pool, rewards, step, generator)
+        if roll is None:  # every group uninformative even after refills: nothing to learn this step
+            engine.log(step, metrics)
+            continue
+        seq, attn = roll.sequences.to(engine.device), roll.attention_mask.to(engine.device)
+        mask = roll.response_mask.to(engine.device).float()
+        old = roll.logprobs.to(engine.device)
+        plen = roll.prompt_ids.shape[1]
+        with torch.no_grad():
+            ref = None
+            if cfg.beta > 0:
+                with disabled_adapters(policy) if reference is None else torch.no_grad():
+                    ref = sequence_logprobs(reference or policy, seq, attn, plen, cfg.temperature)
+        if estimator.per_token:
+            token_rewards = kl_penalized_rewards(scores.to(engine.device), torch.zeros_like(mask), mask, 0.0)
+            adv = estimator.fn(token_rewards, mask)
+        else:
+            adv = estimator.fn(scores.to(engine.device), cfg.group_size)[:, None].expand_as(mask)
+        n_rows = len(rows)
+        denominator = {"token-mean": engine.all_sum(mask.sum()), "seq-mean-token-mean": engine.all_sum(n_rows),
+                       "seq-mean-token-sum-norm": engine.all_sum(n_rows) * cfg.max_new_tokens}[cfg.aggregation]
+        stats = {}
+        for _epoch in range(cfg.ppo_epochs):
+            chunks = list(range(0, n_rows, cfg.batch_size))
+            for j, i in enumerate(chunks):
+                sl = slice(i, i + cfg.batch_size)
+                logprobs = sequence_logprobs(model, seq[sl], attn[sl], plen, cfg.temperature)
+                loss, pg = ppo_policy_loss(logprobs, old[sl], adv[sl], mask[sl], cfg.clip_low, cfg.clip_high,
+                                           cfg.aggregation, denominator)
+                if ref is not None:
+                    kl = kl_k3(logprobs, ref[sl])
+                    loss = loss + cfg.beta * AGGREGATIONS[cfg.aggregation](kl, mask[sl], denominator)
+                    kl_value = masked_mean(kl.detach(), mask[sl]).item()
+                engine.backward(loss, step, last_micro=j == len(chunks) - 1)
+                engine.count_tokens(int(attn[sl].sum()))
+            stats = engine.optimizer_step()
+        metrics.update(stats, clipfrac=pg["clipfrac"], approx_kl=pg["approx_kl"],
+                       length=mask.sum(1).mean().item(), eos_rate=roll.has_eos.float().mean().item())
+        if ref is not None:
+            metrics["kl"] = kl_value
+        if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and task is not None:
+            metrics["accuracy"] = greedy_accuracy(policy, tokenizer, task, held, cfg)
+        engine.log(step, metrics)
+        engine.maybe_checkpoint(step)
+
+    accuracy_end = greedy_accuracy(policy, tokenizer, task, held, cfg) if task else float("nan")
+    engine.save_checkpoint(cfg.max_steps)
+    engine.save_model(model, tokenizer)
+    return engine.finish({
+        "accuracy_start": accuracy_start, "accuracy_end": accuracy_end, "kl_end": kl_value,
+        "estimator": cfg.estimator, "steps": cfg.max_steps, "tokens_per_second": engine.tokens_per_second(),
+    })

@@ -1,0 +1,582 @@
+"""PPO against a reward with a KL tether to the reference policy: stage 3 of InstructGPT, `tether ppo`.
+
+    tether ppo model=runs/sft/model reward=rm:runs/rm task=reviews out=runs/ppo
+    tether ppo model=runs/sft/model reward=rm:runs/rm prompts=prompts.jsonl lora_r=16
+    tether ppo model=... reward="rm:runs/rm*1.0+format*0.5" kl_controller=adaptive kl_target=6
+
+One step, as InstructGPT and "The N+ implementation details of RLHF with PPO" describe it (REFERENCE.md "PPO for
+language models"):
+1. rollout: `rollout_batch` prompts, one response each, sampled at temperature T (top_k 0, top_p 1), cut after the
+   first EOS; the reward source scores prompt+response, and a response without EOS gets `missing_eos_penalty` instead.
+2. one no-grad forward of the policy+value container gives old log-probs (from logits / T) and values; one of the
+   reference (the frozen SFT model, or with LoRA the policy's base with adapters off) gives ref log-probs.
+3. per-token rewards r_t = −β·kl_t (k1 by default) plus the score at the last token (advantages.kl_penalized_rewards),
+   or β·kl in the loss instead (`kl_in_loss`); GAE (γ, λ); advantages whitened over the batch.
+4. `ppo_epochs` passes over the batch in `num_minibatches` shuffled minibatches, each accumulated over micro-batches of
+   `batch_size` rows: clipped surrogate + vf_coef·clipped value loss − ent_coef·entropy (+ ptx_coef·NLL on
+   demonstrations, InstructGPT's PPO-ptx). Losses are token sums over the minibatch's global token count.
+5. β controller update (fixed / adaptive (Ziegler) / uncertainty-adaptive), metrics, checkpoint.
+
+Policy and value live in ONE module (`PolicyAndValue`) so the engine's single optimizer, DDP wrapper and checkpoints
+cover both; the KL controller is registered with the engine, and every random draw of a step (sampling, minibatch
+order, ptx batches) comes from a generator seeded by (seed, rank, step), so a resumed run repeats the uninterrupted one.
+Held-out evaluation (`evaluate.evaluate_policy` plus the proxy reward) runs before the first step (the SFT policy) and
+after the last; summary.json compares them.
+
+Departures from the N+ defaults, for a tiny model on two CPU cores (the `reviews` task):
+- lr 1e-5 instead of 3e-6 and temperature 1.0 instead of 0.7: a model of a few million parameters moves little at
+  3e-6 within a few hundred rollouts, and T = 0.7 makes its samples too alike for the advantages to carry signal.
+- rollout_batch 64 with 4 minibatches instead of 512 in 1: hundreds of updates fit in minutes this way.
+- The LR schedule is constant by default (N+ decays linearly to 0 over a budget of 10^6 episodes).
+The formulas are the papers'; tests/test_losses.py, test_advantages.py and test_kl.py check them by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tether import data as D
+from tether.advantages import gae, kl_penalized_rewards
+from tether.config import ConfigError, opt
+from tether.engine import Engine, TrainConfig, step_indices, steps_for
+from tether.kl import KL_ESTIMATORS, AdaptiveKLController, FixedKLController, UncertaintyKLController
+from tether.losses import (
+    entropy_from_logits,
+    logprobs_from_logits,
+    masked_mean,
+    masked_sum,
+    masked_whiten,
+    ppo_policy_loss,
+    sft_loss,
+    value_loss,
+)
+from tether.metrics import distinct_n, explained_variance, repetition_rate
+from tether.models import (
+    LoraSettings,
+    disabled_adapters,
+    frozen_copy,
+    has_adapters,
+    load_causal_lm,
+    load_reward_model,
+    load_tokenizer,
+    position_ids_from_mask,
+    token_values,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PPOConfig(TrainConfig):
+    model: str = opt("", "policy to train: the SFT model directory (also the reference policy; required)")
+    reward: str = opt("", "reward spec: rm:DIR (a `tether rm` output), python:mod:fn, a built-in, or weighted sums")
+    value_model: str = opt("", "value model init (default: the reward model of `reward` if it is rm:DIR, else `model`)")
+    task: str = opt("", "embedded task (reviews, arithmetic): prompts when `prompts` is empty, and its gold reward")
+    prompts: str = opt("", "training prompts: JSONL, Parquet or saved dataset of {prompt} or {messages}")
+    eval_prompts: str = opt("", "held-out prompts (default: the task's test split, or n_eval_prompts held out)")
+    n_train_prompts: int = opt(2000, "training prompts drawn from the task (task only)")
+    n_eval_prompts: int = opt(64, "held-out prompts for the start/end evaluation")
+    eval_samples: int = opt(2, "samples per held-out prompt in evaluations")
+    eval_every: int = opt(0, "also evaluate every N steps, written to evals.jsonl (0 = only start and end)")
+    rollout_batch: int = opt(64, "prompts per PPO step (per process), one response each")
+    batch_size: int = opt(16, "rows per forward/backward in the update (micro-batch); accumulated to a minibatch")
+    max_prompt_len: int = opt(64, "prompt tokens kept (cut from the left)")
+    max_new_tokens: int = opt(48, "response budget; a response without EOS by then gets missing_eos_penalty")
+    temperature: float = opt(1.0, "sampling temperature; log-probs for the loss come from logits / temperature")
+    missing_eos_penalty: float | None = opt(-1.0, "score of a response without EOS (none = keep the reward's score)")
+    kl_coef: float = opt(0.05, "β of the KL penalty (initial β for adaptive controllers); 0 = no tether")
+    kl_estimator: str = opt("k1", "per-token KL estimator in the reward (k1 | k2 | k3); k3 or k2 with kl_in_loss")
+    kl_controller: str = opt("fixed", "β controller: fixed | adaptive (Ziegler) | uncertainty (reward ensemble std)")
+    kl_target: float = opt(6.0, "adaptive: target sequence KL in nats")
+    kl_horizon: int = opt(10000, "adaptive: horizon in episodes")
+    kl_uncertainty_coef: float = opt(1.0, "uncertainty: β = β0·(1 + c·(σ/σ_first − 1)), clamped to [0, kl_max]")
+    kl_max: float = opt(1.0, "uncertainty: upper bound of β")
+    kl_in_loss: bool = opt(False, "put β·KL in the loss (GRPO style) instead of the reward")
+    gamma: float = opt(1.0, "GAE discount γ")
+    lam: float = opt(0.95, "GAE λ")
+    whiten_rewards: bool = opt(False, "whiten per-token rewards over the batch (N+: off, it shortens outputs)")
+    cliprange: float = opt(0.2, "PPO ratio clip ε")
+    cliprange_value: float = opt(0.2, "value clip ε_v around the rollout's values")
+    vf_coef: float = opt(0.1, "weight of the value loss")
+    ent_coef: float = opt(0.0, "weight of the entropy bonus")
+    ppo_epochs: int = opt(4, "passes over each rollout batch")
+    num_minibatches: int = opt(4, "minibatches per pass (one optimizer step each)")
+    ptx_coef: float = opt(0.0, "γ_ptx: weight of the NLL on `ptx_data` added to the loss (InstructGPT PPO-ptx)")
+    ptx_data: str = opt("", "demonstrations for the ptx term ({prompt, completion} or {messages})")
+    share_reference: bool = opt(True, "with LoRA, the reference is the base with adapters off (one copy of weights)")
+    reward_batch_size: int = opt(64, "sequences per reward-model forward")
+    lr: float = opt(1e-5, "peak learning rate (AdamW) of policy and value")
+    adam_eps: float = opt(1e-5, "AdamW epsilon (N+: 1e-5)")
+    lr_schedule: str = opt("constant", "learning-rate schedule after warmup: constant | linear | cosine")
+    max_steps: int = opt(100, "PPO steps (rollout batches); 0 = `epochs` passes over the prompts")
+    grad_accum: int = opt(1, "unused by PPO: a minibatch is accumulated over ceil(minibatch / batch_size) micro-batches")
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.model or not self.reward:
+            raise ConfigError("ppo needs model=DIR and reward=SPEC (e.g. reward=rm:runs/rm)")
+        if not (self.prompts or self.task):
+            raise ConfigError("ppo needs prompts=FILE or task=NAME")
+        if self.kl_estimator not in KL_ESTIMATORS:
+            raise ConfigError(f"key 'kl_estimator' must be one of {sorted(KL_ESTIMATORS)}, got {self.kl_estimator!r}")
+        if self.kl_controller not in CONTROLLERS:
+            raise ConfigError(f"key 'kl_controller' must be one of {sorted(CONTROLLERS)}, got {self.kl_controller!r}")
+        if self.kl_in_loss and self.kl_estimator == "k1":
+            raise ConfigError("kl_in_loss=true needs kl_estimator=k3 or k2: k1 as a loss has zero expected gradient")
+        if self.rollout_batch % self.num_minibatches:
+            raise ConfigError(f"rollout_batch ({self.rollout_batch}) must be a multiple of num_minibatches "
+                              f"({self.num_minibatches})")
+        if self.temperature <= 0:
+            raise ConfigError("PPO samples: temperature must be > 0")
+        if self.lora_dropout:
+            raise ConfigError("PPO needs dropout off (N+): set lora_dropout=0")
+        if self.ptx_coef and not self.ptx_data:
+            raise ConfigError("ptx_coef > 0 needs ptx_data=FILE")
+
+
+CONTROLLERS = {
+    "fixed": lambda cfg: FixedKLController(cfg.kl_coef),
+    "adaptive": lambda cfg: AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon),
+    "uncertainty": lambda cfg: UncertaintyKLController(cfg.kl_coef, cfg.kl_uncertainty_coef, 0.0, cfg.kl_max),
+}
+
+
+class PolicyAndValue(torch.nn.Module):
+    """Policy and value model as one module: one optimizer, one DDP wrapper and one checkpoint cover both.
+
+    forward -> (logits (B, T, V), values (B, T)); position ids from the mask, so left-padded prompts start at 0.
+    """
+
+    def __init__(self, policy: torch.nn.Module, value: torch.nn.Module):
+        super().__init__()
+        self.policy, self.value = policy, value
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        position_ids = position_ids_from_mask(attention_mask)
+        logits = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             use_cache=False).logits
+        return logits, token_values(self.value, input_ids, attention_mask, position_ids)
+
+    def gradient_checkpointing_enable(self, **kwargs) -> None:
+        self.policy.gradient_checkpointing_enable(**kwargs)
+        self.value.gradient_checkpointing_enable(**kwargs)
+
+    def save_pretrained(self, path, **kwargs) -> None:
+        """Policy in `path`, value model in `path/value` (what the engine saves when a loss turns non-finite)."""
+        self.policy.save_pretrained(path, **kwargs)
+        self.value.save_pretrained(Path(path) / "value", **kwargs)
+
+
+# --- setup --------------------------------------------------------------------------------------------------------------
+def load_prompts(cfg: PPOConfig, task) -> tuple[list[dict], list[dict]]:
+    """(train, held-out) prompt records: files, or the task's train/test splits, or a seeded hold-out of `prompts`."""
+    if cfg.prompts:
+        train = list(D.load_records(cfg.prompts, "prompts"))
+    else:
+        train = task.prompts("train", cfg.n_train_prompts, seed=cfg.seed)
+    if cfg.eval_prompts:
+        held = list(D.load_records(cfg.eval_prompts, "prompts"))
+    elif task is not None:
+        held = task.prompts("test", cfg.n_eval_prompts, seed=cfg.seed)
+    else:
+        order = list(range(len(train)))
+        random.Random(cfg.seed).shuffle(order)
+        n = min(cfg.n_eval_prompts, len(train) // 10)
+        held, train = [train[i] for i in order[:n]], [train[i] for i in order[n:]]
+    return train, held[: cfg.n_eval_prompts]
+
+
+def value_init_dir(cfg: PPOConfig) -> str:
+    """The value model starts from the reward model (N+); a reward that is not one RM leaves the policy's trunk."""
+    if cfg.value_model:
+        return cfg.value_model
+    spec = cfg.reward.strip()
+    if spec.startswith("rm:") and "+" not in spec and "*" not in spec:
+        from tether.rewards.learned import reward_model_dirs
+
+        return str(reward_model_dirs(spec[3:])[0])
+    return cfg.model
+
+
+def load_reward(cfg: PPOConfig, device):
+    """A reward source from the spec; a bare directory means rm:DIR."""
+    from tether.rewards.spec import reward_from_spec
+
+    spec = f"rm:{cfg.reward}" if Path(cfg.reward).is_dir() else cfg.reward
+    return reward_from_spec(spec, device=device, batch_size=cfg.reward_batch_size)
+
+
+def raw_proxy_mean(source, scores: torch.Tensor) -> float | None:
+    """Mean RM output before the stored gain/bias: (normalised / gain) + mean bias, when all members share the gain."""
+    models = getattr(source, "models", None)
+    if not models:
+        return None
+    gains = {getattr(m.config, "reward_gain", 1.0) for m in models}
+    if len(gains) != 1:
+        return None
+    bias = sum(getattr(m.config, "reward_bias", 0.0) for m in models) / len(models)
+    return float(scores.mean()) / gains.pop() + bias
+
+
+def memory_mb(device: torch.device) -> float:
+    """Peak GPU memory allocated on CUDA; the current resident set size of this process on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+class ReferencePolicy:
+    """πref: a frozen copy of the SFT policy, or (LoRA + share_reference) the policy's base with adapters disabled."""
+
+    def __init__(self, policy, share: bool):
+        self.shared = share and has_adapters(policy)
+        self.model = policy if self.shared else frozen_copy(policy)
+
+    @torch.no_grad()
+    def logprobs(self, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int, temperature: float):
+        from tether.generation import sequence_logprobs
+
+        with disabled_adapters(self.model) if self.shared else nullcontext():
+            return sequence_logprobs(self.model, sequences, attention_mask, prompt_len, temperature=temperature)
+
+
+class AdaptersOff(torch.nn.Module):
+    """A model whose forward runs `model` with LoRA adapters disabled: the shared reference as a module."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args, **kwargs):
+        with disabled_adapters(self.model):
+            return self.model(*args, **kwargs)
+
+
+# --- rollout ------------------------------------------------------------------------------------------------------------
+@dataclass
+class Rollout:
+    """One PPO batch: everything the update needs, (B, ·) tensors on the training device."""
+
+    sequences: torch.Tensor  # (B, P+T) left-padded prompt + right-padded response
+    attention_mask: torch.Tensor  # (B, P+T)
+    response_mask: torch.Tensor  # (B, T) 1 on response tokens up to and including the first EOS
+    prompt_len: int  # P
+    logprobs: torch.Tensor  # (B, T) old log-probs from logits / T
+    ref_logprobs: torch.Tensor  # (B, T)
+    values: torch.Tensor  # (B, T) V(s_t), the state before response token t
+    scores: torch.Tensor  # (B,) reward of each response (missing-EOS penalty applied)
+    advantages: torch.Tensor | None = None  # (B, T)
+    returns: torch.Tensor | None = None  # (B, T)
+
+    def rows(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {k: getattr(self, k)[idx] for k in ("sequences", "attention_mask", "response_mask", "logprobs",
+                                                    "ref_logprobs", "values", "advantages", "returns")}
+
+
+def encode_prompts(tokenizer, records: list[dict], max_len: int) -> list[list[int]]:
+    return [D.encode_prompt(tokenizer, D.prompt_of(r), max_len)[0] for r in records]
+
+
+@torch.no_grad()
+def forward_in_chunks(model, sequences, attention_mask, prompt_len: int, temperature: float, chunk: int):
+    """Old log-probs, values and entropy of the response tokens from the policy+value container, `chunk` rows at once.
+
+    Returns (B, T) each: log π(a_t) from logits / T, V(s_t) read at the position that predicts a_t, and H_t.
+    """
+    out = []
+    for i in range(0, len(sequences), chunk):
+        logits, values = model(sequences[i : i + chunk], attention_mask[i : i + chunk])
+        logits = logits[:, prompt_len - 1 : -1]  # (b, T, V) predicts the response tokens
+        tokens = sequences[i : i + chunk, prompt_len:]
+        out.append((logprobs_from_logits(logits, tokens, temperature), values[:, prompt_len - 1 : -1].float(),
+                    entropy_from_logits(logits, temperature)))
+    return [torch.cat(parts) for parts in zip(*out)]
+
+
+@torch.no_grad()
+def rollout(cfg: PPOConfig, model, reference: ReferencePolicy, reward, tokenizer, records: list[dict],
+            prompt_ids: list[list[int]], generator: torch.Generator, device) -> tuple[Rollout, dict, tuple]:
+    """Sample, score, and compute old/ref log-probs and values for one batch of prompts.
+
+    Returns (rollout, metrics, (prompts, completions)).
+    """
+    from tether.generation import decode_responses, sample
+
+    container = getattr(model, "module", model)
+    t0 = time.time()
+    out = sample(container.policy, prompt_ids, cfg.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                 pad_token_id=tokenizer.pad_token_id, temperature=cfg.temperature, top_k=0, top_p=1.0,
+                 generator=generator)
+    gen_seconds = time.time() - t0
+    completions = decode_responses(tokenizer, out)
+    prompts = [D.prompt_of(r) for r in records]
+    scored = reward(prompts, completions, records)
+    proxy = scored.scores.float().to(device)  # (B,)
+    has_eos = out.has_eos.to(device)
+    scores = proxy if cfg.missing_eos_penalty is None else torch.where(
+        has_eos, proxy, torch.full_like(proxy, cfg.missing_eos_penalty))
+
+    sequences, attention_mask = out.sequences.to(device), out.attention_mask.to(device)
+    response_mask = out.response_mask.to(device).float()
+    P = out.prompt_ids.shape[1]
+    t1 = time.time()
+    logprobs, values, entropy = forward_in_chunks(model, sequences, attention_mask, P, cfg.temperature,
+                                                  cfg.batch_size)
+    ref_logprobs = reference.logprobs(sequences, attention_mask, P, cfg.temperature).to(device).float()
+    forward_seconds = time.time() - t1
+    batch = Rollout(sequences, attention_mask, response_mask, P, logprobs, ref_logprobs, values, scores)
+
+    kl_tokens = logprobs - ref_logprobs  # (B, T) k1
+    lengths = response_mask.sum(-1)
+    response_tokens = [ids[: int(n)].tolist() for ids, n in zip(out.response_ids, lengths)]
+    metrics = {
+        "reward": proxy.mean(),
+        "score": scores.mean(),
+        "kl": masked_sum(kl_tokens, response_mask, dim=-1).mean(),
+        "kl_k3": masked_sum(KL_ESTIMATORS["k3"](logprobs, ref_logprobs), response_mask, dim=-1).mean(),
+        "entropy": masked_mean(entropy, response_mask),
+        "response_length": lengths.mean(),
+        "eos_rate": has_eos.float().mean(),
+        "distinct_2": distinct_n(completions, 2),
+        "repetition_rate": sum(repetition_rate(t, 2) for t in response_tokens) / len(response_tokens),
+        "gen_tokens_per_second": float(lengths.sum()) / max(gen_seconds, 1e-9),
+        "time_generate": gen_seconds,
+        "time_forward": forward_seconds,
+    }
+    raw = raw_proxy_mean(reward, proxy)
+    if raw is not None:
+        metrics["reward_raw"] = raw
+    if scored.std is not None:
+        metrics["reward_std"] = scored.std.float().mean()
+    for name, component in scored.components.items():
+        if len(scored.components) > 1:
+            metrics[f"reward/{name}"] = component.float().mean()
+    return batch, metrics, (prompts, completions)
+
+
+def compute_advantages(cfg: PPOConfig, batch: Rollout, beta: float) -> None:
+    """Per-token KL-penalised rewards -> GAE -> whitened advantages, stored on the batch (REFERENCE.md lines 19–24)."""
+    mask = batch.response_mask
+    kl = KL_ESTIMATORS[cfg.kl_estimator](batch.logprobs, batch.ref_logprobs)  # (B, T)
+    rewards = kl_penalized_rewards(batch.scores, kl, mask, 0.0 if cfg.kl_in_loss else beta)
+    if cfg.whiten_rewards:
+        rewards = masked_whiten(rewards, mask, shift_mean=False)
+    advantages, returns = gae(rewards, batch.values, mask, cfg.gamma, cfg.lam)
+    batch.advantages, batch.returns = masked_whiten(advantages, mask), returns
+
+
+# --- update -------------------------------------------------------------------------------------------------------------
+def ppo_loss(cfg: PPOConfig, model, mb: dict, prompt_len: int, n_tokens: float, beta: float):
+    """Loss of one micro-batch: clipped surrogate + vf_coef·clipped value loss − ent_coef·entropy (+ β·KL in loss).
+
+    Every term is a token sum divided by `n_tokens`, the response tokens of the whole global minibatch.
+    """
+    mask = mb["response_mask"]
+    logits, values = model(mb["sequences"], mb["attention_mask"])
+    logits = logits[:, prompt_len - 1 : -1]  # (b, T, V) predicts the response tokens
+    values = values[:, prompt_len - 1 : -1]  # (b, T) V(s_t)
+    logprobs = logprobs_from_logits(logits, mb["sequences"][:, prompt_len:], cfg.temperature)  # (b, T)
+    pg_loss, pg_stats = ppo_policy_loss(logprobs, mb["logprobs"], mb["advantages"], mask, cfg.cliprange,
+                                        denominator=n_tokens)
+    vf_loss, vf_stats = value_loss(values, mb["values"], mb["returns"], mask, cfg.cliprange_value,
+                                   denominator=n_tokens)
+    with torch.set_grad_enabled(cfg.ent_coef != 0 and torch.is_grad_enabled()):
+        entropy = masked_sum(entropy_from_logits(logits, cfg.temperature), mask) / n_tokens
+    loss = pg_loss + cfg.vf_coef * vf_loss - cfg.ent_coef * entropy
+    if cfg.kl_in_loss:
+        kl = KL_ESTIMATORS[cfg.kl_estimator](logprobs, mb["ref_logprobs"])
+        loss = loss + beta * masked_sum(kl, mask) / n_tokens
+    return loss, {"pg_loss": pg_loss.detach(), "vf_loss": vf_loss.detach(), **pg_stats, **vf_stats}
+
+
+def ptx_loss(model, batch: dict, n_tokens: float) -> torch.Tensor:
+    """PPO-ptx: summed NLL of demonstration completion tokens / n_tokens (InstructGPT, REFERENCE.md line 29)."""
+    policy = getattr(model, "module", model).policy
+    logits = policy(**D.model_inputs(batch)).logits[:, :-1]
+    loss, _ = sft_loss(logits, batch["labels"][:, 1:], num_tokens=n_tokens)
+    return loss
+
+
+LOSS_SHARES = {"loss", "pg_loss", "vf_loss", "ptx_loss"}  # per micro-batch: its part of the minibatch's loss
+
+
+def ppo_update(cfg: PPOConfig, engine: Engine, model, batch: Rollout, step: int, beta: float,
+               generator: torch.Generator, ptx: list | None = None, pad_id: int = 0) -> dict:
+    """`ppo_epochs` × `num_minibatches` optimizer steps over one rollout batch; returns the mean of each metric."""
+    B = len(batch.sequences)
+    sums: dict[str, float] = {}
+    count = 0
+    for _epoch in range(cfg.ppo_epochs):
+        order = torch.randperm(B, generator=generator).to(batch.sequences.device)
+        for mb_idx in order.chunk(cfg.num_minibatches):
+            micro = mb_idx.split(cfg.batch_size)
+            n_tokens = engine.all_sum(batch.response_mask[mb_idx].sum())
+            ptx_batches = ptx_micro_batches(ptx, generator, len(micro), cfg.batch_size, pad_id, engine.device)
+            n_ptx = engine.all_sum(sum(int((b["labels"][:, 1:] != -100).sum()) for b in ptx_batches))
+            for j, idx in enumerate(micro):
+                loss, stats = ppo_loss(cfg, model, batch.rows(idx), batch.prompt_len, n_tokens, beta)
+                if ptx_batches:
+                    nll = ptx_loss(model, ptx_batches[j], n_ptx)
+                    loss, stats["ptx_loss"] = loss + cfg.ptx_coef * nll, nll.detach()
+                engine.backward(loss, step, last_micro=j == len(micro) - 1)
+                engine.count_tokens(int(batch.attention_mask[idx].sum()))
+                for k, v in {"loss": loss.detach(), **stats}.items():  # shares add up, means average
+                    sums[k] = sums.get(k, 0.0) + float(v) / (1 if k in LOSS_SHARES else len(micro))
+            for k, v in engine.optimizer_step().items():
+                sums[k] = sums.get(k, 0.0) + v
+            count += 1
+    for k in sorted(LOSS_SHARES & sums.keys()):  # this process's share of the global minibatch loss
+        sums[k] = engine.all_sum(sums[k])  # the same global value on every process
+    return {k: v / count for k, v in sums.items()}
+
+
+def ptx_micro_batches(examples: list | None, generator: torch.Generator, n: int, size: int, pad_id: int,
+                      device) -> list[dict]:
+    """n micro-batches of `size` demonstrations drawn with the step's generator (the ptx term's data); [] without."""
+    if not examples:
+        return []
+    picks = torch.randint(len(examples), (n, size), generator=generator).tolist()
+    return [{k: v.to(device) for k, v in D.collate_lm([examples[i] for i in row], pad_id).items()} for row in picks]
+
+
+# --- evaluation ---------------------------------------------------------------------------------------------------------
+def evaluate(cfg: PPOConfig, policy, reference: ReferencePolicy, reward, tokenizer, task, records: list[dict],
+             seed: int) -> tuple[dict, list[dict]]:
+    """Held-out numbers of the current policy: gold, KL, length, ... (evaluate.evaluate_policy) plus proxy reward."""
+    from tether.evaluate import evaluate_policy
+
+    ref = AdaptersOff(reference.model) if reference.shared else reference.model
+    was_training = policy.training
+    policy.eval()
+    try:
+        result = evaluate_policy(policy, tokenizer, task, records, n_samples=cfg.eval_samples,
+                                 max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, ref_model=ref,
+                                 batch_size=cfg.rollout_batch, seed=seed, reward=reward)
+    finally:
+        policy.train(was_training)
+    samples = result.pop("samples", [])
+    return {k: v for k, v in result.items() if isinstance(v, (int, float))}, samples
+
+
+def summarize_eval(prefix: str, result: dict) -> dict:
+    keys = {"proxy_reward": "proxy_mean", "gold_reward": "gold_mean", "gold_reward_std": "gold_std", "kl": "kl_mean",
+            "length": "length_mean", "eos_rate": "eos_rate", "distinct_2": "distinct_2"}
+    return {f"{name}_{prefix}": result[key] for name, key in keys.items() if key in result}
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+# --- the recipe ---------------------------------------------------------------------------------------------------------
+def run(cfg: PPOConfig) -> dict:
+    engine = Engine(cfg, "ppo")
+    device = engine.device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    task = None
+    if cfg.task:
+        from tether.tasks import get_task
+
+        task = get_task(cfg.task)
+    tokenizer = load_tokenizer(cfg.model)
+    train, held = load_prompts(cfg, task)
+    train_ids = encode_prompts(tokenizer, train, cfg.max_prompt_len)
+
+    lora = LoraSettings.from_config(cfg)
+    policy = load_causal_lm(cfg.model, lora).to(device)
+    reference = ReferencePolicy(policy, cfg.share_reference)
+    value = load_reward_model(value_init_dir(cfg), lora).to(device)
+    reward = load_reward(cfg, device)
+    controller = CONTROLLERS[cfg.kl_controller](cfg)
+    engine.register(controller)
+    ptx = None
+    if cfg.ptx_coef:
+        ptx = [D.encode_demonstration(tokenizer, r, cfg.max_prompt_len, cfg.max_new_tokens)
+               for r in D.load_records(cfg.ptx_data, "demonstrations")]
+
+    global_rollout = cfg.rollout_batch * engine.world_size
+    n_steps = steps_for(len(train), global_rollout, cfg.epochs, cfg.max_steps)
+    updates_per_step = cfg.ppo_epochs * cfg.num_minibatches
+    model, _, _ = engine.setup(PolicyAndValue(policy, value), n_steps * updates_per_step)
+    engine.total_steps = n_steps  # progress, logging and checkpoints count PPO steps; the schedule counts updates
+    start, extra = engine.resume()
+    policy = engine.unwrap(model).policy
+
+    peak = memory_mb(device)
+    start_eval = extra.get("start_eval")
+    if start_eval is None:
+        start_eval, samples = evaluate(cfg, policy, reference, reward, tokenizer, task, held, seed=cfg.seed)
+        if engine.is_main:
+            write_jsonl(engine.run_dir / "samples_start.jsonl", samples)
+    log.info("start (SFT policy) on %d held-out prompts: %s", len(held), start_eval)
+
+    gen_tokens = train_tokens = 0
+    gen_seconds = train_seconds = 0.0
+    metrics: dict = {}
+    for step in range(start, n_steps):
+        generator = torch.Generator(device).manual_seed(engine.seed * 1_000_003 + step)
+        idx = step_indices(step, global_rollout, len(train), cfg.seed)
+        idx = idx[engine.rank * cfg.rollout_batch : (engine.rank + 1) * cfg.rollout_batch]
+        records = [train[i] for i in idx]
+        batch, metrics, (prompts, completions) = rollout(
+            cfg, model, reference, reward, tokenizer, records, [train_ids[i] for i in idx], generator, device)
+        if task is not None:
+            metrics["gold"] = sum(task.gold_reward(prompts, completions, records)) / len(records)
+        beta = controller.value
+        compute_advantages(cfg, batch, beta)
+        metrics["explained_variance"] = explained_variance(batch.values, batch.returns, batch.response_mask)
+        metrics["return"] = float(batch.scores.mean() - beta * metrics["kl"])
+        t0 = time.time()
+        metrics.update(ppo_update(cfg, engine, model, batch, step, beta, generator, ptx, tokenizer.pad_token_id))
+        seconds = time.time() - t0
+        n_train = int(batch.attention_mask.sum()) * cfg.ppo_epochs
+        metrics["train_tokens_per_second"] = n_train / max(seconds, 1e-9)
+        gen_tokens += int(batch.response_mask.sum())
+        gen_seconds += metrics["time_generate"]
+        train_tokens, train_seconds = train_tokens + n_train, train_seconds + seconds
+        metrics["beta"] = beta
+        controller.update(float(metrics["kl"]), global_rollout, reward_std=metrics.get("reward_std"))
+        peak = max(peak, memory_mb(device))
+        metrics["memory_mb"] = peak
+        if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < n_steps:
+            result, _ = evaluate(cfg, policy, reference, reward, tokenizer, task, held, seed=cfg.seed + 1)
+            if engine.is_main:
+                with (engine.run_dir / "evals.jsonl").open("a") as f:
+                    f.write(json.dumps({"step": step + 1, **result}) + "\n")
+        engine.log(step, metrics)
+        engine.maybe_checkpoint(step, extra={"start_eval": start_eval})
+
+    end_eval, samples = evaluate(cfg, policy, reference, reward, tokenizer, task, held, seed=cfg.seed + 1)
+    peak = max(peak, memory_mb(device))
+    if engine.is_main:
+        write_jsonl(engine.run_dir / "samples_end.jsonl", samples)
+        with (engine.run_dir / "evals.jsonl").open("a") as f:
+            for s, result in ((0, start_eval), (n_steps, end_eval)):
+                f.write(json.dumps({"step": s, **result}) + "\n")
+    engine.save_checkpoint(n_steps, extra={"start_eval": start_eval})
+    engine.save_model(policy, tokenizer)
+    engine.save_model(engine.unwrap(model).value, tokenizer, engine.run_dir / "value")
+    return engine.finish({
+        **summarize_eval("start", start_eval),
+        **summarize_eval("end", end_eval),
+        "beta_end": controller.value,
+        "steps": n_steps,
+        "episodes": n_steps * global_rollout,
+        "train_reward_end": float(metrics.get("reward", float("nan"))),
+        "gen_tokens_per_second": gen_tokens / max(gen_seconds, 1e-9),
+        "train_tokens_per_second": train_tokens / max(train_seconds, 1e-9),
+        "tokens_per_second": (gen_tokens + train_tokens) / max(gen_seconds + train_seconds, 1e-9),
+        "peak_memory_mb": peak,
+        "lora_shared_reference": reference.shared,
+    })

@@ -1,0 +1,78 @@
+"""GRPO end to end on a tiny model: finite loss, parameters move, β = 0 loads no reference, dynamic sampling drops
+groups with equal rewards, every reward function is logged on its own."""
+
+import json
+
+import pytest
+import torch
+
+from tether.config import load_config
+from tether.recipes import grpo as G
+from tether.testing import save_tiny
+
+LENGTH_REWARD = "python:tests.test_grpo:length_reward"
+
+
+def length_reward(prompts, completions, records):
+    return [float(len(c.split())) for c in completions]
+
+
+def constant_reward(prompts, completions, records):
+    return [1.0] * len(completions)
+
+
+@pytest.fixture()
+def setup(tmp_path):
+    save_tiny(tmp_path / "m")
+    with open(tmp_path / "p.jsonl", "w") as f:
+        for i in range(8):
+            f.write(json.dumps({"prompt": f"the film was {i}", "answer": i}) + "\n")
+    return tmp_path
+
+
+def cfg_for(tmp, **kw):
+    base = {"model": str(tmp / "m"), "task": "none", "prompts": str(tmp / "p.jsonl"),
+            "eval_prompts": str(tmp / "p.jsonl"), "rewards": LENGTH_REWARD, "out": str(tmp / "run"),
+            "max_steps": 2, "prompts_per_step": 2, "group_size": 4, "max_new_tokens": 5, "batch_size": 4,
+            "progress": False, "lr": 1e-2}
+    return load_config(G.GRPOConfig, None, {**base, **kw})
+
+
+def test_grpo_steps_change_the_policy(setup):
+    from transformers import AutoModelForCausalLM
+
+    summary = G.run(cfg_for(setup, beta=0.04))
+    before = AutoModelForCausalLM.from_pretrained(setup / "m").state_dict()
+    after = AutoModelForCausalLM.from_pretrained(setup / "run" / "model").state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    lines = [json.loads(x) for x in (setup / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == 2 and all(x["kl"] == x["kl"] for x in lines)
+    assert f"reward/{LENGTH_REWARD}" in lines[0]
+    assert summary["steps"] == 2
+
+
+def test_beta_zero_loads_no_reference(setup, monkeypatch):
+    calls = []
+    monkeypatch.setattr(G, "frozen_copy", lambda m: calls.append(m) or m)
+    G.run(cfg_for(setup, beta=0.0, estimator="rloo"))
+    assert calls == []
+    G.run(cfg_for(setup, beta=0.1, out=str(setup / "run2")))
+    assert len(calls) == 1
+
+
+def test_informative_groups_and_dynamic_sampling(setup):
+    scores = torch.tensor([1.0, 1.0, 1.0, 0.0, 2.0, 2.0])
+    assert G.informative_groups(scores, 3).tolist() == [False, True]
+    summary = G.run(cfg_for(setup, rewards="python:tests.test_grpo:constant_reward", dynamic_sampling=True,
+                            max_refills=1))  # every group uninformative: steps are skipped, not crashed
+    lines = [json.loads(x) for x in (setup / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(x["groups_informative"] == 0.0 for x in lines) and summary["steps"] == 2
+
+
+def test_weights_and_several_rewards(setup):
+    G.run(cfg_for(setup, rewards=f"{LENGTH_REWARD},python:tests.test_grpo:constant_reward", reward_weights="1,0.5"))
+    line = json.loads((setup / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert line["score"] == pytest.approx(line[f"reward/{LENGTH_REWARD}"] + 0.5 * 1.0, abs=1e-5)
+    with pytest.raises(Exception, match="reward_weights"):
+        cfg_for(setup, rewards=LENGTH_REWARD, reward_weights="1,2").validate() or G.build_rewards(
+            cfg_for(setup, rewards=LENGTH_REWARD, reward_weights="1,2"), None)
