@@ -14,7 +14,7 @@ LENGTH_REWARD = "python:tests.test_grpo:length_reward"
 
 
 def length_reward(prompts, completions, records):
-    return [float(len(c.split())) for c in completions]
+    return [float(len(c)) for c in completions]  # characters: differs between samples of a group
 
 
 def constant_reward(prompts, completions, records):

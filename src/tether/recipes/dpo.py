@@ -1,0 +1,210 @@
+"""DPO and its family, offline: `tether dpo` (no reward model, no RL).
+
+    tether dpo model=runs/sft/model data=prefs.jsonl beta=0.1                  # sigmoid DPO
+    tether dpo model=... data=prefs.jsonl loss=ipo | robust_dpo | hinge | simpo | orpo
+    tether dpo model=... data=unpaired.jsonl loss=kto                          # {"prompt","completion","label"}
+    tether dpo model=... data=prefs.jsonl task=reviews                         # + gold reward and KL at start/end
+
+The loss comes by name from `losses.PREFERENCE_LOSSES`, which also says whether it needs the reference policy and
+whether sequence log-probs are summed or averaged per token. By design:
+- reference log-probs are computed ONCE, before the first step, with the starting policy (which *is* the reference),
+  and cached in the run directory (`reference_logps.pt`, reused on resume) — no reference model stays in memory
+  during training, and none is loaded at all for SimPO/ORPO;
+- chosen and rejected go through ONE forward (data.collate_pairs stacks them);
+- each micro-batch's mean loss is weighted by its share of the global batch, so accumulation/DP give the global mean.
+KTO pairs each completion with the next example's prompt to estimate its reference point z0 (the batch KL).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from tether import data as D
+from tether.config import ConfigError, opt
+from tether.engine import Engine, TrainConfig, steps_for
+from tether.losses import PREFERENCE_LOSSES, logprobs_from_logits
+from tether.models import (
+    LoraSettings,
+    disabled_adapters,
+    frozen_copy,
+    has_adapters,
+    load_causal_lm,
+    load_tokenizer,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DPOConfig(TrainConfig):
+    model: str = opt("", "policy to train, usually the SFT model (also the reference; required)")
+    data: str = opt("", "preference pairs {prompt, chosen, rejected} (or unpaired {prompt, completion, label} for kto)")
+    loss: str = opt("dpo", "dpo | robust_dpo | ipo | hinge | simpo | orpo | kto")
+    beta: float = opt(0.1, "β: strength of the KL tether (IPO: τ; SimPO: reward scale)")
+    label_smoothing: float = opt(0.0, "cDPO / robust DPO label-noise rate ε")
+    gamma: float = opt(1.0, "SimPO target margin γ")
+    lam: float = opt(0.1, "ORPO weight λ of the odds-ratio term")
+    desirable_weight: float = opt(1.0, "KTO λ_D")
+    undesirable_weight: float = opt(1.0, "KTO λ_U")
+    max_prompt_len: int = opt(256, "prompt tokens kept (cut from the left)")
+    max_completion_len: int = opt(256, "completion tokens kept (cut from the right)")
+    skip_invalid: bool = opt(False, "skip invalid records (reported) instead of stopping at the first")
+    task: str = opt("", "embedded task for gold reward and KL on held-out prompts at start and end (e.g. reviews)")
+    eval_prompts: str = opt("", "held-out prompts (default: the task's test split)")
+    n_eval_prompts: int = opt(64, "held-out prompts")
+    eval_samples: int = opt(2, "samples per held-out prompt")
+    max_new_tokens: int = opt(48, "generation budget for the evaluation samples")
+    lr: float = opt(5e-6, "peak learning rate (AdamW)")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.loss not in PREFERENCE_LOSSES:
+            raise ConfigError(f"key 'loss' must be one of {sorted(PREFERENCE_LOSSES)}, got {self.loss!r}")
+        if not self.model or not self.data:
+            raise ConfigError("dpo needs model=DIR and data=FILE")
+
+
+def encode(cfg: DPOConfig, tokenizer, paired: bool) -> list:
+    records = D.load_records(cfg.data, "pairs" if paired else "unpaired", skip_invalid=cfg.skip_invalid)
+    encode_one = D.encode_pair if paired else D.encode_unpaired
+    stats, out = D.TruncationStats(), []
+    for rec in records:
+        ex = encode_one(tokenizer, rec, cfg.max_prompt_len, cfg.max_completion_len)
+        stats.update(ex)
+        out.append(ex)
+    stats.warn_if_any(log)
+    return out
+
+
+def collate(examples: list, pad_id: int, paired: bool) -> dict:
+    """Paired: 2B rows (chosen then rejected). KTO: B matched rows, then B rows of completion i with prompt i+1."""
+    if paired:
+        return D.collate_pairs(examples, pad_id)
+    shifted = examples[1:] + examples[:1]
+    prompts = [e.prompt_ids for e in examples] + [e.prompt_ids for e in shifted]
+    batch = D.collate_completions(prompts, [e.completion_ids for e in examples] * 2, pad_id)
+    batch["label"] = torch.tensor([e.label for e in examples], dtype=torch.bool)
+    return batch
+
+
+def sequence_logps(model, batch: dict, average: bool) -> torch.Tensor:
+    """(rows,) summed (or per-token mean) log-probs of the completion tokens, one forward for all rows."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1]
+    token = logprobs_from_logits(logits, ids[:, 1:])  # (rows, T-1)
+    resp = batch["response_mask"][:, 1:].to(token.dtype)
+    total = (token * resp).sum(-1)
+    return total / resp.sum(-1).clamp(min=1) if average else total
+
+
+def loss_for(spec, cfg: DPOConfig, logps: torch.Tensor, ref: torch.Tensor | None, labels=None):
+    hp = {h: getattr(cfg, h) for h in spec.hparams}
+    if not spec.paired:
+        b = len(labels)
+        return spec.fn(logps[:b], ref[:b], labels, logps[b:], ref[b:], **hp)
+    b = len(logps) // 2
+    if spec.needs_reference:
+        return spec.fn(logps[:b], logps[b:], ref[:b], ref[b:], **hp)
+    return spec.fn(logps[:b], logps[b:], **hp)
+
+
+@torch.no_grad()
+def reference_logps(engine, model, examples, cfg, spec, pad_id) -> torch.Tensor:
+    """Log-probs of every row under the starting policy (= the reference), cached in the run directory."""
+    path = engine.run_dir / "reference_logps.pt"
+    if path.exists():
+        return torch.load(path)
+    model.eval()
+    out = []
+    for i in range(0, len(examples), cfg.batch_size):
+        chunk = examples[i : i + cfg.batch_size]
+        batch = {k: v.to(engine.device) for k, v in collate(chunk, pad_id, spec.paired).items()}
+        rows = sequence_logps(model, batch, spec.logp_average).cpu()
+        half = len(rows) // 2
+        out.append(torch.stack([rows[:half], rows[half:]], 1))  # (b, 2): chosen/matched, rejected/mismatched
+    model.train()
+    cached = torch.cat(out)
+    if engine.is_main:
+        torch.save(cached, path)
+    return cached
+
+
+def held_out(cfg, model, ref_model, tokenizer, task, records) -> dict:
+    from tether.evaluate import evaluate_policy
+
+    result = evaluate_policy(model, tokenizer, task, records, cfg.eval_samples, cfg.max_new_tokens, 1.0, ref_model,
+                             64, cfg.seed)
+    return {k: v for k, v in result.items() if isinstance(v, (int, float))}
+
+
+def run(cfg: DPOConfig) -> dict:
+    spec = PREFERENCE_LOSSES[cfg.loss]
+    engine = Engine(cfg, "dpo")
+    tokenizer = load_tokenizer(cfg.model)
+    model = load_causal_lm(cfg.model, LoraSettings.from_config(cfg))
+    pad = tokenizer.pad_token_id
+    examples = encode(cfg, tokenizer, spec.paired)
+    task, held, ref_model = None, [], None
+    if cfg.task:
+        from tether.tasks import get_task
+
+        task = get_task(cfg.task)
+        held = list(D.load_records(cfg.eval_prompts, "prompts")) if cfg.eval_prompts else \
+            task.prompts("test", cfg.n_eval_prompts, seed=cfg.seed)
+        ref_model = None if has_adapters(model) else frozen_copy(model)
+    start_eval = held_out(cfg, model, ref_model, tokenizer, task, held) if task else {}
+    ref = reference_logps(engine, model, examples, cfg, spec, pad) if spec.needs_reference else None
+    total = steps_for(len(examples), engine.global_batch, cfg.epochs, cfg.max_steps)
+    model, _, _ = engine.setup(model, total, len(examples))
+    start, _ = engine.resume()
+    model.train()
+
+    metrics = {}
+    for step in range(start, total):
+        micro = engine.micro_batches(step)
+        n_global = engine.all_sum(sum(len(m) for m in micro))
+        sums: dict[str, float] = {}
+        for j, idx in enumerate(micro):
+            batch = {k: v.to(engine.device) for k, v in collate([examples[i] for i in idx], pad, spec.paired).items()}
+            logps = sequence_logps(model, batch, spec.logp_average)
+            ref_rows = torch.cat([ref[idx, 0], ref[idx, 1]]).to(engine.device) if ref is not None else None
+            loss, parts = loss_for(spec, cfg, logps, ref_rows, batch.get("label"))
+            share = len(idx) / n_global  # mean over the micro-batch -> its share of the global mean
+            engine.backward(loss * share, step, last_micro=j == len(micro) - 1)
+            engine.count_tokens(int(batch["attention_mask"].sum()))
+            for key, value in {"loss": loss, **parts}.items():
+                sums[key] = sums.get(key, 0.0) + float(value.detach().float().mean()) * share
+        metrics = {k: engine.all_sum(v) for k, v in sums.items()}
+        metrics.update(engine.optimizer_step())
+        engine.log(step, metrics)
+        engine.maybe_checkpoint(step)
+
+    engine.save_checkpoint(total)
+    policy = engine.unwrap(model)
+    if task is not None and ref_model is None:  # LoRA: the reference is the base with adapters off
+        ref_model = _AdaptersOff(policy)
+    end_eval = held_out(cfg, policy, ref_model, tokenizer, task, held) if task else {}
+    engine.save_model(model, tokenizer)
+    summary = {"train_loss": metrics.get("loss", float("nan")),
+               "reward_accuracy": metrics.get("rewards/accuracies", float("nan")),
+               "steps": total, "loss_name": cfg.loss, "tokens_per_second": engine.tokens_per_second()}
+    if task is not None:
+        summary.update(gold_reward_start=start_eval.get("gold_mean"), gold_reward_end=end_eval.get("gold_mean"),
+                       gold_reward_std_start=start_eval.get("gold_std"), kl_end=end_eval.get("kl_mean"),
+                       length_end=end_eval.get("length_mean"), distinct_2_end=end_eval.get("distinct_2"))
+    return engine.finish(summary)
+
+
+class _AdaptersOff(torch.nn.Module):
+    """The LoRA policy's base weights (adapters disabled) as a reference model for evaluation."""
+
+    def __init__(self, policy):
+        super().__init__()
+        self.policy = policy
+
+    def forward(self, **kwargs):
+        with disabled_adapters(self.policy):
+            return self.policy(**kwargs)

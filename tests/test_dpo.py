@@ -1,0 +1,77 @@
+"""DPO family end to end on a tiny model: ln 2 at step 0 (policy = reference), reference log-probs computed once and
+reused, reference-free losses load no reference, KTO runs on unpaired data, parameters move."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from tether.config import load_config
+from tether.recipes import dpo as R
+from tether.testing import save_tiny
+
+
+@pytest.fixture()
+def setup(tmp_path):
+    save_tiny(tmp_path / "m")
+    with open(tmp_path / "pairs.jsonl", "w") as f, open(tmp_path / "kto.jsonl", "w") as g:
+        for i in range(16):
+            f.write(json.dumps({"prompt": "the film was", "chosen": "good and great .", "rejected": "bad ."}) + "\n")
+            g.write(json.dumps({"prompt": "the film was", "completion": "good ." if i % 2 else "bad .",
+                                "label": bool(i % 2)}) + "\n")
+    return tmp_path
+
+
+def run(tmp, **kw):
+    base = {"model": str(tmp / "m"), "data": str(tmp / "pairs.jsonl"), "out": str(tmp / "run"), "max_steps": 3,
+            "batch_size": 4, "progress": False, "lr": 1e-2, "lr_schedule": "constant"}
+    return R.run(load_config(R.DPOConfig, None, {**base, **kw}))
+
+
+def metrics(tmp, name="run"):
+    return [json.loads(x) for x in (tmp / name / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_dpo_starts_at_ln2_and_learns(setup):
+    run(setup, max_steps=8)
+    lines = metrics(setup)
+    assert lines[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)  # policy == reference at step 0
+    assert lines[-1]["loss"] < lines[0]["loss"] and lines[-1]["rewards/accuracies"] == 1.0
+    assert (setup / "run" / "reference_logps.pt").exists() and (setup / "run" / "model" / "config.json").exists()
+
+
+def test_reference_logps_are_cached_and_reused(setup, monkeypatch):
+    run(setup, max_steps=2, save_every=1)
+    cached = torch.load(setup / "run" / "reference_logps.pt")
+    assert cached.shape == (16, 2) and (cached[:, 0] != cached[:, 1]).all()
+    calls = []
+    original = R.sequence_logps
+    monkeypatch.setattr(R, "sequence_logps", lambda *a, **k: calls.append(1) or original(*a, **k))
+    run(setup, max_steps=3, save_every=1, resume=True)  # resume: cache reused, only the training forward runs
+    assert len(calls) == 1
+
+
+@pytest.mark.parametrize("loss", ["simpo", "orpo"])
+def test_reference_free_losses_skip_the_reference(setup, loss, monkeypatch):
+    monkeypatch.setattr(R, "reference_logps", lambda *a, **k: pytest.fail("no reference for " + loss))
+    summary = run(setup, loss=loss)
+    assert math.isfinite(summary["train_loss"])
+
+
+@pytest.mark.parametrize("loss", ["ipo", "robust_dpo", "hinge"])
+def test_other_paired_losses_run(setup, loss):
+    assert math.isfinite(run(setup, loss=loss, label_smoothing=0.1)["train_loss"])
+
+
+def test_kto_on_unpaired_data(setup):
+    summary = run(setup, loss="kto", data=str(setup / "kto.jsonl"))
+    lines = metrics(setup)
+    assert math.isfinite(summary["train_loss"]) and "kl" in lines[0]
+    assert lines[0]["loss"] == pytest.approx(0.5, abs=1e-5)  # r = z0 = 0 at the start: 1 − σ(0)
+
+
+def test_accumulation_gives_the_same_curve(setup):
+    run(setup, out=str(setup / "a"), batch_size=4, grad_accum=1)
+    run(setup, out=str(setup / "b"), batch_size=2, grad_accum=2)
+    assert [x["loss"] for x in metrics(setup, "a")] == pytest.approx([x["loss"] for x in metrics(setup, "b")], abs=1e-5)
