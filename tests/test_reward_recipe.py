@@ -339,6 +339,8 @@ def test_reviews_rm_reaches_bayes_accuracy(tmp_path):
     reviews.write_data(tmp_path / "data", n_sft=200, n_pairs=2000, n_rankings=0, seed=0)
     cfg = load_config(RewardConfig, None, [f"model={base}", f"data={tmp_path / 'data' / 'prefs.jsonl'}",
                                            f"out={tmp_path / 'rm'}", "task=reviews", "progress=false",
+                                           "lr=2e-3", "epochs=2", "batch_size=32", "max_prompt_len=32",
+                                           "max_completion_len=64",
                                            f"normalize_data={tmp_path / 'data' / 'sft.jsonl'}"])
     summary = run(cfg)
     print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, (list, dict))}, indent=1))

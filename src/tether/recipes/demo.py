@@ -1,6 +1,6 @@
 """`tether demo`: the whole RLHF pipeline on the embedded `reviews` task, with a report, on a laptop CPU.
 
-    tether demo                                 # base model (cached) -> data -> SFT -> RM -> PPO -> DPO -> report
+    tether demo                                 # base model (cached) -> data -> SFT -> RM -> PPO -> report
     tether demo stages=sft,rm,ppo               # a subset, in this order
     tether demo overopt=true                    # also PPO with β = 0: proxy reward up, gold reward down
     tether demo out=runs/demo2 ppo_max_steps=300 ppo_kl_coef=0.1
@@ -10,7 +10,7 @@ tasks.reviews.write_data (prompts, demonstrations, comparisons labelled by simul
 each in out/<stage> with its own summary.json (a finished stage is skipped when the demo runs again) -> report.html
 and PNGs in `out` (report.py), and a short summary in the terminal.
 
-Stages: sft, rm, ppo, dpo (when tether.recipes.dpo is installed) and ppo_nokl (PPO with the KL tether off, to show
+Stages: sft, rm, ppo (the default), dpo (by name: stages=sft,rm,ppo,dpo) and ppo_nokl (PPO with the KL tether off, to show
 over-optimisation; selected by overopt=true or by name). Every setting of a stage is a key <prefix>_<key> as in
 `tether pipeline` (ppo_nokl shares the ppo_* keys; its steps are nokl_max_steps). The defaults below are what fits
 the 10-minute budget on two CPU cores; the module-level DEMO_DEFAULTS says which and why.
@@ -55,6 +55,8 @@ DEMO_DEFAULTS = {
     "ppo_n_eval_prompts": 64,
     "ppo_eval_samples": 2,
     "ppo_eval_every": 20,
+    "dpo_lr": 1e-4,
+    "dpo_batch_size": 32,
     "dpo_max_prompt_len": 32,
     "dpo_max_completion_len": 64,
 }
@@ -65,7 +67,7 @@ class DemoBase(PipelineBase):
     out: str = opt("runs/demo", "run directory: data/, one subdirectory per stage, report.html")
     model: str = opt("", "base model (default: tasks.reviews.build_base(), built once and cached)")
     task: str = opt("reviews", "the embedded task (the demo's data and gold reward come from it)")
-    stages: str = opt("", "stages to run in order (default: sft,rm,ppo and dpo when available)")
+    stages: str = opt("", "stages to run in order (default: sft,rm,ppo; add dpo or ppo_nokl by name)")
     overopt: bool = opt(False, "also run ppo_nokl: PPO with β = 0, to show over-optimisation")
     nokl_max_steps: int = opt(120, "PPO steps of the β = 0 run")
     n_sft: int = opt(2000, "demonstrations written for SFT")
@@ -75,8 +77,7 @@ class DemoBase(PipelineBase):
     def stage_list(self) -> list[str]:
         if self.stages.strip():
             return super().stage_list()
-        default = ["sft", "rm", "ppo"] + (["dpo"] if "dpo" in DEMO_STAGES else [])
-        return default + (["ppo_nokl"] if self.overopt else [])
+        return ["sft", "rm", "ppo"] + (["ppo_nokl"] if self.overopt else [])  # dpo: opt in (stages=...,dpo)
 
     @classmethod
     def stage_table(cls) -> dict[str, Stage]:
