@@ -104,3 +104,29 @@ def test_sequence_kl_by_hand():
     mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
     # row 0: 0.5 − 1 + 0.5 = 0; row 1: 1 + 0 (third token masked) = 1
     assert M.sequence_kl(logprobs, ref, mask).tolist() == [0.0, 1.0]
+
+
+def test_bon_kl_discrete_by_hand():
+    # two equally likely levels, n = 2: best-of-2 is low with prob 0.25, high with 0.75
+    # KL = 0.25·log(0.25/0.5) + 0.75·log(0.75/0.5) = −0.1733 + 0.3041 = 0.1308
+    assert M.bon_kl_discrete([0.5, 0.5], 2) == pytest.approx(0.25 * math.log(0.5) + 0.75 * math.log(1.5), abs=1e-12)
+    assert M.bon_kl_discrete([0.5, 0.5], 2) == pytest.approx(0.1308, abs=1e-4)
+    assert M.bon_kl_discrete([3.0, 1.0], 1) == 0.0  # n = 1 is the policy itself
+    assert M.bon_kl_discrete([1.0], 16) == 0.0  # every output ties: best-of-n changes nothing
+    assert M.bon_kl_discrete([0.5, 0.0, 0.5], 2) == pytest.approx(M.bon_kl_discrete([0.5, 0.5], 2))  # empty level
+    assert M.bon_kl_discrete([2, 2], 2) == pytest.approx(M.bon_kl_discrete([0.5, 0.5], 2))  # masses are normalised
+
+
+@pytest.mark.parametrize("n", [2, 4, 8, 16])
+def test_bon_kl_discrete_reaches_the_analytic_bound_without_ties(n):
+    many = M.bon_kl_discrete([1.0] * 100_000, n)
+    assert many == pytest.approx(M.bon_kl(n), abs=1e-3)
+    assert M.bon_kl_discrete([1.0] * 10, n) < many  # few distinct outputs: below the bound
+
+
+def test_bon_kl_empirical_counts_ties():
+    # scores 1, 1, 2, 2: the same two half-mass levels as above, whatever the order
+    assert M.bon_kl_empirical([2.0, 1.0, 2.0, 1.0], 2) == pytest.approx(M.bon_kl_discrete([0.5, 0.5], 2))
+    assert M.bon_kl_empirical([0.3] * 8, 4) == 0.0
+    # 1,000 distinct scores: within 0.01 of log n − (n−1)/n
+    assert M.bon_kl_empirical([i / 1000 for i in range(1000)], 8) == pytest.approx(1.204, abs=0.01)

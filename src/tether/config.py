@@ -46,6 +46,8 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
         (inner,) = typing.get_args(tp) or (str,)
         if isinstance(value, str):
             value = [v for v in value.split(",") if v.strip()]
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):  # `ns=4`: YAML read one number
+            value = [value]
         if not isinstance(value, list):
             raise ConfigError(f"{where}key '{key}' expects a list, got {value!r}")
         return [_coerce(v, inner, key, where) for v in value]

@@ -126,3 +126,35 @@ def sequence_kl(logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor) -> Tensor:
     Shapes: logprobs, ref_logprobs, mask (B, T) -> (B,).
     """
     return masked_sum(kl_k1(logprobs, ref_logprobs), mask, dim=-1)
+
+
+def bon_kl_discrete(masses: Sequence[float], n: int) -> float:
+    """Exact KL(π_bon ‖ π) of best-of-n over a discrete π, from the probability masses of its reward levels
+    sorted ascending by reward (outputs of equal reward form one level; ties are broken uniformly at random).
+
+    With F_j = Σ_{i≤j} q_i, best-of-n lands on level j with probability F_j^n − F_{j−1}^n and, within a level, on each
+    output in proportion to π, so KL = Σ_j (F_j^n − F_{j−1}^n) · log((F_j^n − F_{j−1}^n) / q_j). For K equally likely
+    distinct levels it tends to log n − (n−1)/n (`bon_kl`) as K → ∞ and stays below it: the bound of REFERENCE.md
+    line 69 is reached only when no two outputs tie. Zero-mass levels are skipped.
+    """
+    total = float(sum(masses))
+    kl, below = 0.0, 0.0  # below: F_{j−1}
+    for q in masses:
+        q = q / total
+        if q <= 0:
+            continue
+        upper = min(1.0, below + q)
+        p_bon = upper**n - below**n
+        if p_bon > 0:
+            kl += p_bon * math.log(p_bon / q)
+        below = upper
+    return kl
+
+
+def bon_kl_empirical(scores: Sequence[float], n: int) -> float:
+    """`bon_kl_discrete` of the empirical distribution of N samples of ONE prompt: each distinct score is a level
+    with mass count/N. Duplicate samples (a peaked policy) show up as ties and lower it below log n − (n−1)/n; with
+    N distinct samples it is the KL of best-of-n from those N, which approaches the analytic value as N grows.
+    """
+    counts = Counter(float(s) for s in scores)
+    return bon_kl_discrete([counts[s] for s in sorted(counts)], n)

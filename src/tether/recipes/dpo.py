@@ -3,7 +3,8 @@
     tether dpo model=runs/sft/model data=prefs.jsonl beta=0.1                  # sigmoid DPO
     tether dpo model=... data=prefs.jsonl loss=ipo | robust_dpo | hinge | simpo | orpo
     tether dpo model=... data=unpaired.jsonl loss=kto                          # {"prompt","completion","label"}
-    tether dpo model=... data=prefs.jsonl task=reviews                         # + gold reward and KL at start/end
+    tether dpo model=... data=prefs.jsonl task=reviews eval_every=20           # + gold reward and KL on held-out prompts
+    tether dpo online=true model=... task=reviews label_source=raters rounds=4  # online/iterative DPO (online_dpo.py)
 
 The loss comes by name from `losses.PREFERENCE_LOSSES`, which also says whether it needs the reference policy and
 whether sequence log-probs are summed or averaged per token. By design:
@@ -13,10 +14,14 @@ whether sequence log-probs are summed or averaged per token. By design:
 - chosen and rejected go through ONE forward (data.collate_pairs stacks them);
 - each micro-batch's mean loss is weighted by its share of the global batch, so accumulation/DP give the global mean.
 KTO pairs each completion with the next example's prompt to estimate its reference point z0 (the batch KL).
+With a task, held-out gold reward and KL to the reference are measured at the start, every `eval_every` steps and at
+the end (evals.jsonl, as PPO writes it); summary.json compares start and end.
+`online=true` samples the pairs from the policy itself, round after round: see recipes/online_dpo.py.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 
@@ -52,23 +57,38 @@ class DPOConfig(TrainConfig):
     max_prompt_len: int = opt(256, "prompt tokens kept (cut from the left)")
     max_completion_len: int = opt(256, "completion tokens kept (cut from the right)")
     skip_invalid: bool = opt(False, "skip invalid records (reported) instead of stopping at the first")
-    task: str = opt("", "embedded task for gold reward and KL on held-out prompts at start and end (e.g. reviews)")
+    task: str = opt("", "embedded task for gold reward and KL on held-out prompts (e.g. reviews)")
     eval_prompts: str = opt("", "held-out prompts (default: the task's test split)")
     n_eval_prompts: int = opt(64, "held-out prompts")
     eval_samples: int = opt(2, "samples per held-out prompt")
-    max_new_tokens: int = opt(48, "generation budget for the evaluation samples")
+    eval_every: int = opt(0, "also evaluate on the held-out prompts every N steps, to evals.jsonl (0 = start and end)")
+    max_new_tokens: int = opt(48, "generation budget for the evaluation samples (and online samples)")
     lr: float = opt(5e-6, "peak learning rate (AdamW)")
+    online: bool = opt(False, "online/iterative DPO: sample pairs from the current policy each round (online_dpo.py)")
+    rounds: int = opt(3, "online: rounds of sample -> label -> train")
+    pairs_per_round: int = opt(256, "online: prompts per round, two responses each")
+    label_source: str = opt("raters", "online: raters (the task's simulated raters) | gold | rm:DIR | python:mod:fn")
+    label_tau: float = opt(1.0, "online, raters: Bradley-Terry noise τ of the simulated raters")
+    prompts: str = opt("", "online: training prompts (default: the task's train split)")
+    temperature: float = opt(1.0, "online: sampling temperature of the pairs")
 
     def validate(self) -> None:
         super().validate()
         if self.loss not in PREFERENCE_LOSSES:
             raise ConfigError(f"key 'loss' must be one of {sorted(PREFERENCE_LOSSES)}, got {self.loss!r}")
-        if not self.model or not self.data:
-            raise ConfigError("dpo needs model=DIR and data=FILE")
+        if not self.model or not (self.data or self.online):
+            raise ConfigError("dpo needs model=DIR and data=FILE (or online=true)")
+        if self.online:
+            if not PREFERENCE_LOSSES[self.loss].paired:
+                raise ConfigError(f"online=true samples pairs; loss={self.loss} needs unpaired data")
+            if not (self.prompts or self.task):
+                raise ConfigError("online=true needs prompts=FILE or task=NAME")
+            if self.label_source in ("raters", "gold") and not self.task:
+                raise ConfigError(f"label_source={self.label_source} needs task=NAME (its gold reward)")
 
 
-def encode(cfg: DPOConfig, tokenizer, paired: bool) -> list:
-    records = D.load_records(cfg.data, "pairs" if paired else "unpaired", skip_invalid=cfg.skip_invalid)
+def encode(cfg: DPOConfig, tokenizer, paired: bool, path: str | None = None) -> list:
+    records = D.load_records(path or cfg.data, "pairs" if paired else "unpaired", skip_invalid=cfg.skip_invalid)
     encode_one = D.encode_pair if paired else D.encode_unpaired
     stats, out = D.TruncationStats(), []
     for rec in records:
@@ -112,9 +132,10 @@ def loss_for(spec, cfg: DPOConfig, logps: torch.Tensor, ref: torch.Tensor | None
 
 
 @torch.no_grad()
-def reference_logps(engine, model, examples, cfg, spec, pad_id) -> torch.Tensor:
-    """Log-probs of every row under the starting policy (= the reference), cached in the run directory."""
-    path = engine.run_dir / "reference_logps.pt"
+def reference_logps(engine, model, examples, cfg, spec, pad_id, path=None) -> torch.Tensor:
+    """Log-probs of every row under `model` (the reference: offline, the starting policy itself), cached in `path`
+    (default run_dir/reference_logps.pt) and read from there when it exists."""
+    path = path or engine.run_dir / "reference_logps.pt"
     if path.exists():
         return torch.load(path)
     model.eval()
@@ -140,11 +161,59 @@ def held_out(cfg, model, ref_model, tokenizer, task, records) -> dict:
     return {k: v for k, v in result.items() if isinstance(v, (int, float))}
 
 
+def eval_reference(model):
+    """The reference for held-out KL: a frozen copy of the starting policy, or with LoRA its base (adapters off)."""
+    return _AdaptersOff(model) if has_adapters(model) else frozen_copy(model)
+
+
+def append_eval(engine, step: int, result: dict) -> None:
+    """One held-out evaluation as a line of evals.jsonl; step 0 starts the file afresh."""
+    if engine.is_main:
+        with (engine.run_dir / "evals.jsonl").open("w" if step == 0 else "a") as f:
+            f.write(json.dumps({"step": step, **result}) + "\n")
+
+
+def train_step(engine, model, examples, ref, spec, cfg, pad, step: int, data_step: int | None = None) -> dict:
+    """One optimizer step over the micro-batches of `data_step` (default `step`) of `examples`; returns metrics."""
+    micro = engine.micro_batches(step if data_step is None else data_step, len(examples))
+    n_global = engine.all_sum(sum(len(m) for m in micro))
+    sums: dict[str, float] = {}
+    for j, idx in enumerate(micro):
+        batch = {k: v.to(engine.device) for k, v in collate([examples[i] for i in idx], pad, spec.paired).items()}
+        logps = sequence_logps(model, batch, spec.logp_average)
+        ref_rows = torch.cat([ref[idx, 0], ref[idx, 1]]).to(engine.device) if ref is not None else None
+        loss, parts = loss_for(spec, cfg, logps, ref_rows, batch.get("label"))
+        share = len(idx) / n_global  # mean over the micro-batch -> its share of the global mean
+        engine.backward(loss * share, step, last_micro=j == len(micro) - 1)
+        engine.count_tokens(int(batch["attention_mask"].sum()))
+        for key, value in {"loss": loss, **parts}.items():
+            sums[key] = sums.get(key, 0.0) + float(value.detach().float().mean()) * share
+    metrics = {k: engine.all_sum(v) for k, v in sums.items()}
+    metrics.update(engine.optimizer_step())
+    return metrics
+
+
+def summarize(cfg, engine, metrics: dict, total: int, start_eval: dict, end_eval: dict) -> dict:
+    """summary.json of a DPO run (offline or online): the issue's keys, plus length and diversity at the end."""
+    summary = {"train_loss": metrics.get("loss", float("nan")),
+               "reward_accuracy": metrics.get("rewards/accuracies", float("nan")),
+               "steps": total, "loss_name": cfg.loss, "tokens_per_second": engine.tokens_per_second()}
+    if start_eval or end_eval:
+        summary.update(gold_reward_start=start_eval.get("gold_mean"), gold_reward_end=end_eval.get("gold_mean"),
+                       gold_reward_std_start=start_eval.get("gold_std"), kl_end=end_eval.get("kl_mean"),
+                       length_end=end_eval.get("length_mean"), distinct_2_end=end_eval.get("distinct_2"))
+    return summary
+
+
 def run(cfg: DPOConfig) -> dict:
+    if cfg.online:
+        from tether.recipes.online_dpo import run_online
+
+        return run_online(cfg)
     spec = PREFERENCE_LOSSES[cfg.loss]
     engine = Engine(cfg, "dpo")
     tokenizer = load_tokenizer(cfg.model)
-    model = load_causal_lm(cfg.model, LoraSettings.from_config(cfg))
+    model = load_causal_lm(cfg.model, LoraSettings.from_config(cfg)).to(engine.device)  # the reference passes first
     pad = tokenizer.pad_token_id
     examples = encode(cfg, tokenizer, spec.paired)
     task, held, ref_model = None, [], None
@@ -152,50 +221,38 @@ def run(cfg: DPOConfig) -> dict:
         from tether.tasks import get_task
 
         task = get_task(cfg.task)
-        held = list(D.load_records(cfg.eval_prompts, "prompts")) if cfg.eval_prompts else \
-            task.prompts("test", cfg.n_eval_prompts, seed=cfg.seed)
-        ref_model = None if has_adapters(model) else frozen_copy(model)
-    start_eval = held_out(cfg, model, ref_model, tokenizer, task, held) if task else {}
+        held = held_out_records(cfg, task)
+        ref_model = eval_reference(model)
     ref = reference_logps(engine, model, examples, cfg, spec, pad) if spec.needs_reference else None
     total = steps_for(len(examples), engine.global_batch, cfg.epochs, cfg.max_steps)
     model, _, _ = engine.setup(model, total, len(examples))
-    start, _ = engine.resume()
+    start, extra = engine.resume()
+    policy = engine.unwrap(model)
+    start_eval = extra.get("start_eval") or (held_out(cfg, policy, ref_model, tokenizer, task, held) if task else {})
+    if task is not None and start == 0:
+        append_eval(engine, 0, start_eval)
     model.train()
 
     metrics = {}
     for step in range(start, total):
-        micro = engine.micro_batches(step)
-        n_global = engine.all_sum(sum(len(m) for m in micro))
-        sums: dict[str, float] = {}
-        for j, idx in enumerate(micro):
-            batch = {k: v.to(engine.device) for k, v in collate([examples[i] for i in idx], pad, spec.paired).items()}
-            logps = sequence_logps(model, batch, spec.logp_average)
-            ref_rows = torch.cat([ref[idx, 0], ref[idx, 1]]).to(engine.device) if ref is not None else None
-            loss, parts = loss_for(spec, cfg, logps, ref_rows, batch.get("label"))
-            share = len(idx) / n_global  # mean over the micro-batch -> its share of the global mean
-            engine.backward(loss * share, step, last_micro=j == len(micro) - 1)
-            engine.count_tokens(int(batch["attention_mask"].sum()))
-            for key, value in {"loss": loss, **parts}.items():
-                sums[key] = sums.get(key, 0.0) + float(value.detach().float().mean()) * share
-        metrics = {k: engine.all_sum(v) for k, v in sums.items()}
-        metrics.update(engine.optimizer_step())
+        metrics = train_step(engine, model, examples, ref, spec, cfg, pad, step)
+        if task is not None and cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < total:
+            append_eval(engine, step + 1, held_out(cfg, policy, ref_model, tokenizer, task, held))
         engine.log(step, metrics)
-        engine.maybe_checkpoint(step)
+        engine.maybe_checkpoint(step, extra={"start_eval": start_eval})
 
-    engine.save_checkpoint(total)
-    policy = engine.unwrap(model)
-    if task is not None and ref_model is None:  # LoRA: the reference is the base with adapters off
-        ref_model = _AdaptersOff(policy)
+    engine.save_checkpoint(total, extra={"start_eval": start_eval})
     end_eval = held_out(cfg, policy, ref_model, tokenizer, task, held) if task else {}
-    engine.save_model(model, tokenizer)
-    summary = {"train_loss": metrics.get("loss", float("nan")),
-               "reward_accuracy": metrics.get("rewards/accuracies", float("nan")),
-               "steps": total, "loss_name": cfg.loss, "tokens_per_second": engine.tokens_per_second()}
     if task is not None:
-        summary.update(gold_reward_start=start_eval.get("gold_mean"), gold_reward_end=end_eval.get("gold_mean"),
-                       gold_reward_std_start=start_eval.get("gold_std"), kl_end=end_eval.get("kl_mean"),
-                       length_end=end_eval.get("length_mean"), distinct_2_end=end_eval.get("distinct_2"))
-    return engine.finish(summary)
+        append_eval(engine, total, end_eval)
+    engine.save_model(model, tokenizer)
+    return engine.finish(summarize(cfg, engine, metrics, total, start_eval, end_eval))
+
+
+def held_out_records(cfg: DPOConfig, task) -> list[dict]:
+    if cfg.eval_prompts:
+        return list(D.load_records(cfg.eval_prompts, "prompts"))[: cfg.n_eval_prompts]
+    return task.prompts("test", cfg.n_eval_prompts, seed=cfg.seed)
 
 
 class _AdaptersOff(torch.nn.Module):
