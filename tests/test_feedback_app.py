@@ -55,7 +55,7 @@ def test_login_cookie_roles_and_headers(env):
     assert client.get("/", follow_redirects=False).headers["location"] == "/label"
     page = client.get("/label")
     assert "script-src 'self'" in page.headers["content-security-policy"]
-    assert page.headers["x-frame-options"] == "DENY" and page.headers["referrer-policy"] == "no-referrer"
+    assert page.headers["x-frame-options"] == "DENY" and page.headers["referrer-policy"] == "same-origin"
     assert client.get("/static/app.js").headers["content-type"].startswith("text/javascript")
     assert client.get("/static/app.css").status_code == 200
     assert client.get("/static/../store.py").status_code == 404

@@ -59,7 +59,7 @@ HEADERS = {
                                "base-uri 'none'; frame-ancestors 'none'",
     "X-Content-Type-Options": "nosniff",
     "X-Frame-Options": "DENY",
-    "Referrer-Policy": "no-referrer",
+    "Referrer-Policy": "same-origin",  # not no-referrer: then Chromium sends `Origin: null` on POSTs
     "Cache-Control": "no-store",
 }
 TEMPLATES = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape(default=True))
@@ -103,7 +103,7 @@ def same_origin(request: Request) -> bool:
     return origin is None or origin == own  # non-browser clients send neither; they still need the CSRF token
 
 
-def create_app(store: Store) -> FastAPI:
+def create_app(store: Store) -> SecurityHeaders:
     """The app over one store (see the module docstring for the routes)."""
     app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
     secret = (store.meta("secret") or "").encode()
@@ -167,12 +167,6 @@ def create_app(store: Store) -> FastAPI:
         if request.url.path.startswith("/api/"):
             return JSONResponse({"error": SERVER_ERROR}, 500)
         return HTMLResponse(SERVER_ERROR_PAGE, 500)
-
-    @app.middleware("http")
-    async def security_headers(request: Request, call_next):
-        response = await call_next(request)
-        response.headers.update(HEADERS)
-        return response
 
     # --- pages --------------------------------------------------------------------------------------------------
     @app.get("/login")
@@ -247,7 +241,24 @@ def create_app(store: Store) -> FastAPI:
         checked_post(request, rater, request.headers.get("x-csrf-token"))
         return {"undone": store.undo(rater.id)}
 
-    return app
+    return SecurityHeaders(app)
+
+
+class SecurityHeaders:
+    """ASGI wrapper adding HEADERS to every response (plain ASGI: Starlette's BaseHTTPMiddleware would add a task
+    and a body stream to every request)."""
+
+    def __init__(self, app: FastAPI):
+        self.app = app
+        self.extra = [(k.lower().encode(), v.encode()) for k, v in HEADERS.items()]
+
+    async def __call__(self, scope, receive, send):
+        async def send_with_headers(message):
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": list(message.get("headers", [])) + self.extra}
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers if scope["type"] == "http" else send)
 
 
 # --- running it -----------------------------------------------------------------------------------------------------

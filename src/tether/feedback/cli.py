@@ -18,7 +18,6 @@ import json
 import sys
 
 from tether.config import ConfigError
-from tether.data import DataError
 
 
 def _sample(args) -> dict:
@@ -39,13 +38,16 @@ def _sample(args) -> dict:
 
 def _serve(args) -> dict:
     from tether.feedback.app import serve
-    from tether.feedback.candidates import read_candidates
     from tether.feedback.store import Store
 
     store = Store(args.db, lease_s=args.lease)
     if args.raters_per_item:
         store.set_meta("raters_per_item", str(args.raters_per_item))
-    new = sum(store.add_items(read_candidates(path), round=args.round) for path in args.candidates)
+    new = 0
+    if args.candidates:
+        from tether.feedback.candidates import read_candidates
+
+        new += sum(store.add_items(read_candidates(path), round=args.round) for path in args.candidates)
     new += sum(store.add_items(_gold_records(path), round=args.round) for path in args.gold)
     print(json.dumps({"new_items": new, "items": len(store.item_rows()), "raters_per_item": store.raters_per_item}),
           flush=True)
@@ -56,6 +58,7 @@ def _serve(args) -> dict:
 
 
 def _gold_records(path: str) -> list[dict]:
+    from tether.data import DataError
     from tether.feedback.candidates import read_candidates
 
     records = read_candidates(path)
@@ -129,11 +132,20 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
+def user_errors() -> tuple[type[Exception], ...]:
+    """Errors printed as one line. DataError only when tether.data was imported: it imports torch, which `serve`
+    without candidates never needs (the server starts in about a second instead of several)."""
+    data = sys.modules.get("tether.data")
+    return (ConfigError, FileNotFoundError) + ((data.DataError,) if data else ())
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         summary = args.run(args)
-    except (ConfigError, DataError, FileNotFoundError) as e:
+    except Exception as e:
+        if not isinstance(e, user_errors()):
+            raise
         print(f"tether label {args.command}: {e}", file=sys.stderr)
         return 2
     if summary:

@@ -8,8 +8,8 @@
     store.submit(rater.id, item.id, "A", reason="...")   # (label_id, stored); a repeat is stored once
     store.undo(rater.id)                                 # deletes the rater's last choice, re-opens its item
 
-Durability and concurrency: WAL journal with synchronous=FULL, so a choice is on disk (WAL fsynced) when `submit`
-returns, and a killed server loses nothing it confirmed. Every connection is per thread; every write is one
+Durability and concurrency: WAL journal; a choice is committed with synchronous=FULL, so it is on disk (WAL fsynced)
+when `submit` returns, and neither a killed server nor a crashed machine loses what the page confirmed. Every connection is per thread; every write is one
 `BEGIN IMMEDIATE` transaction, so two raters asking for the last open slot of an item are serialised by SQLite's
 write lock instead of both getting it. Readers never block writers in WAL mode.
 
@@ -134,14 +134,17 @@ class Store:
             db.row_factory = sqlite3.Row
             db.execute("PRAGMA busy_timeout=30000")
             db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=FULL")  # fsync the WAL at every commit: confirmed means on disk
             db.execute("PRAGMA foreign_keys=ON")
             self._local.db = db
         return db
 
     @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
+    def _write(self, durable: bool = True) -> Iterator[sqlite3.Connection]:
+        """One write transaction. durable: fsync the WAL at COMMIT (synchronous=FULL), so it survives a crash of
+        the machine; else NORMAL (no fsync; still safe against a killed process, and the next durable commit
+        syncs it too). Only handing out an assignment is not durable: a lost one is simply handed out again."""
         db = self._db()
+        db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
         db.execute("BEGIN IMMEDIATE")
         try:
             yield db
@@ -224,7 +227,7 @@ class Store:
     # --- the queue --------------------------------------------------------------------------------------------------
     def next_item(self, rater_id: int, rng: random.Random | None = None) -> Item | None:
         """The rater's open item, or a new assignment from the queue (see the module docstring), or None."""
-        with self._write() as db:
+        with self._write(durable=False) as db:
             row = db.execute("SELECT item_id, swapped FROM assignments WHERE rater_id = ? AND done = 0 "
                              "ORDER BY issued_at DESC LIMIT 1", (rater_id,)).fetchone()
             if row is not None:
