@@ -141,6 +141,8 @@ def test_bad_input_is_400_or_409_with_a_short_message(env):
     assert client.post("/api/label", content=b"{not json", headers={**api, "Content-Type": "application/json"}
                        ).status_code == 400
     assert client.post("/api/label", json=[1, 2], headers=api).status_code == 400
+    for bad_id in (True, 1.5, "1e3", None):
+        assert client.post("/api/label", json={"item_id": bad_id, "choice": "A"}, headers=api).status_code == 400
     assert client.post("/api/label", json={"item_id": item, "choice": "A", "reason": 5}, headers=api).status_code == 400
     assert client.post("/api/label", json={"item_id": item, "choice": "nope"}, headers=api).json() == {
         "error": "choice must be one of A, B, tie, bad."}

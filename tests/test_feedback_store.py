@@ -209,3 +209,21 @@ def test_label_sample_and_export_cli(tmp_path, capsys):
     assert tether_main(["label", "sample", "--model", str(tmp_path / "model"), "--prompts",
                         str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "x.jsonl")]) == 2
     assert "missing.jsonl" in capsys.readouterr().err
+
+
+def test_label_serve_adds_candidates_once_and_checks_gold(tmp_path, monkeypatch, capsys):
+    import tether.feedback.app as app_module
+
+    served = []
+    monkeypatch.setattr(app_module, "serve", lambda store, host, port: served.append((store.path, host, port)))
+    cand = write_jsonl(tmp_path / "cand.jsonl", [{"prompt": "p", "responses": ["x", "y", "z"]}])
+    gold = write_jsonl(tmp_path / "gold.jsonl", [{"prompt": "g", "responses": ["right", "wrong"], "gold": 0}])
+    argv = ["label", "serve", "--db", str(tmp_path / "f.sqlite"), "--candidates", str(cand), "--gold", str(gold),
+            "--raters-per-item", "3", "--port", "8123"]
+    assert tether_main(argv) == 0 and tether_main(argv) == 0
+    first, second = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert (first["new_items"], second["new_items"], second["items"], second["raters_per_item"]) == (4, 0, 4, 3)
+    assert served == [(str(tmp_path / "f.sqlite"), "127.0.0.1", 8123)] * 2
+    not_gold = write_jsonl(tmp_path / "not_gold.jsonl", [{"prompt": "g", "responses": ["a", "b"]}])
+    assert tether_main(["label", "serve", "--db", str(tmp_path / "f.sqlite"), "--gold", str(not_gold)]) == 2
+    assert "gold" in capsys.readouterr().err and len(served) == 2

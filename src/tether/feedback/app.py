@@ -132,10 +132,10 @@ def create_app(store: Store) -> SecurityHeaders:
             raise HTTPException(403, "Missing or wrong form token; reload the page.")
 
     def parse_choice(item_id, choice, reason) -> tuple[int, str, str]:
-        try:
-            item = int(item_id)
-        except (TypeError, ValueError):
-            raise HTTPException(400, "item_id must be an integer.") from None
+        exact = isinstance(item_id, int) and not isinstance(item_id, bool)
+        if not (exact or (isinstance(item_id, str) and item_id.strip().isdigit())):
+            raise HTTPException(400, "item_id must be an integer.")
+        item = int(item_id)
         if choice not in CHOICES:
             raise HTTPException(400, f"choice must be one of {', '.join(CHOICES)}.")
         reason = "" if reason is None else reason
