@@ -32,7 +32,7 @@ def greedy_no_cache(model, ids, n):
     return ids[0].tolist()
 
 
-@pytest.mark.parametrize("backend", sorted(BACKENDS))
+@pytest.mark.parametrize("backend", sorted(set(BACKENDS) - {"vllm"}))  # vllm: tests/test_generation_graph.py
 def test_greedy_matches_no_cache_loop_and_padding_changes_nothing(lm, backend):
     tok, model = lm
     ps = prompts(tok)

@@ -15,7 +15,15 @@ Backends (`BACKENDS`, picked by name):
 - "static": the same loop over a preallocated `StaticCache` of length P+T, so every decode step has the same shapes —
   the form a CUDA graph (or `torch.compile(mode="reduce-overhead")`) can capture on a GPU. On a CPU it runs eagerly
   and is tested to give the same tokens as "eager".
+- "graph": the fast path (generation_graph.py): the decode step over preallocated buffers (StaticCache, 4D mask,
+  token/position/output buffers) with sampling on the device, captured in a CUDA graph and replayed on a GPU; on a
+  CPU the same step runs uncaptured and is tested to give the same greedy tokens as "eager" and "hf", and samples
+  equal in distribution (it samples by the exponential race, so its draws differ from "eager" for one seed).
 - "hf": `model.generate`, kept as the reference the tests compare against.
+- "vllm": vLLM's engine when it is installed (optional, never required): the policy's weights are loaded into a
+  colocated `vllm.LLM` before each call; log-probs come from one recomputation forward, as for "hf".
+"auto" is "eager" everywhere until "graph" has been measured on a GPU (benchmarks/gpu.py); a CUDA model that asks
+for "graph" falls back to "eager", with a warning, if the capture fails for that model.
 
 Conventions: prompts are left-padded and get explicit `position_ids` (cumsum of the mask − 1), so a padded row gives
 exactly what it gives alone. `temperature == 0` is greedy. The returned `logprobs` are log-probs of the sampled tokens
@@ -25,6 +33,8 @@ under the *tempered, unfiltered* distribution (log_softmax(logits / T)) — the 
 
 from __future__ import annotations
 
+import logging
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -33,6 +43,8 @@ import torch
 from tether.data import pad_sequences
 from tether.losses import logprobs_from_logits
 from tether.models import position_ids_from_mask
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -157,7 +169,52 @@ def _sample_hf(model, ids, mask, max_new_tokens, eos_token_id, pad_token_id, tem
     return response, logprobs
 
 
-BACKENDS = {"eager": _sample_eager, "static": _sample_static, "hf": _sample_hf}
+def _sample_graph(model, ids, mask, max_new_tokens, eos_token_id, pad_token_id, temperature, top_k, top_p,
+                  generator):
+    from tether.generation_graph import sample_graph
+
+    return sample_graph(model, ids, mask, max_new_tokens, eos_token_id, pad_token_id, temperature, top_k, top_p,
+                        generator)
+
+
+def _sample_vllm(model, ids, mask, max_new_tokens, eos_token_id, pad_token_id, temperature, top_k, top_p, generator):
+    """vLLM (colocated, same GPU): weights synced from `model` each call; log-probs recomputed in one forward."""
+    try:
+        import vllm
+    except ImportError:
+        raise ImportError("generation backend 'vllm' needs vLLM (pip install vllm); the built-in backends "
+                          "eager, static, graph and hf need nothing more") from None
+    llm = _VLLM_ENGINES.get(model)
+    if llm is None:
+        import tempfile
+
+        path = tempfile.mkdtemp(prefix="tether-vllm-")
+        model.save_pretrained(path)
+        llm = vllm.LLM(model=path, skip_tokenizer_init=True, dtype=str(next(model.parameters()).dtype)[6:],
+                       gpu_memory_utilization=0.3)
+        _VLLM_ENGINES[model] = llm
+    llm.llm_engine.model_executor.driver_worker.model_runner.model.load_weights(model.named_parameters())
+    llm.reset_prefix_cache()
+    seed = int(torch.randint(0, 2**31, (1,), generator=generator)) if generator is not None else None
+    params = vllm.SamplingParams(n=1, temperature=temperature, top_k=top_k or -1, top_p=top_p, seed=seed,
+                                 max_tokens=max_new_tokens, stop_token_ids=[eos_token_id])
+    rows = [{"prompt_token_ids": row[m.bool()].tolist()} for row, m in zip(ids, mask)]
+    outputs = llm.generate(rows, params, use_tqdm=False)
+    response = pad_sequences([list(o.outputs[0].token_ids) for o in outputs], pad_token_id).to(ids.device)
+    attention = torch.cat([mask, torch.ones_like(response)], dim=1)
+    logprobs = sequence_logprobs(model, torch.cat([ids, response], 1), attention, ids.shape[1], temperature or 1.0)
+    return response, logprobs
+
+
+_VLLM_ENGINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # one colocated vLLM engine per policy
+BACKENDS = {"eager": _sample_eager, "static": _sample_static, "graph": _sample_graph, "hf": _sample_hf,
+            "vllm": _sample_vllm}
+_GRAPH_FAILED: weakref.WeakSet = weakref.WeakSet()  # models whose graph capture failed: they decode "eager"
+
+
+def _auto_backend(model, device: torch.device) -> str:
+    """The backend "auto" means for this model: "eager" (see the module docstring)."""
+    return "eager"
 
 
 def _response_mask(response: torch.Tensor, eos_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -180,13 +237,25 @@ def sample(model, prompts: Sequence[Sequence[int]] | torch.Tensor, max_new_token
     else:
         ids = pad_sequences(prompts, pad_token_id, side="left").to(device)
         mask = pad_sequences([[1] * len(p) for p in prompts], 0, side="left").to(device)
+    fallback = backend in ("auto", "graph")
     if backend == "auto":
+        backend = _auto_backend(model, device)
+    if backend == "graph" and model in _GRAPH_FAILED:
         backend = "eager"
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown generation backend {backend!r}; choose from auto, {', '.join(BACKENDS)}")
+    args = (ids, mask, max_new_tokens, eos_token_id, pad_token_id, temperature, top_k, top_p, generator)
     was_training = model.training
     model.eval()
     try:
-        response, logprobs = BACKENDS[backend](model, ids, mask, max_new_tokens, eos_token_id, pad_token_id,
-                                               temperature, top_k, top_p, generator)
+        try:
+            response, logprobs = BACKENDS[backend](model, *args)
+        except RuntimeError as e:
+            if not (fallback and backend == "graph" and device.type == "cuda"):
+                raise
+            log.warning("CUDA-graph decoding failed for this model (%s); using backend 'eager' from now on", e)
+            _GRAPH_FAILED.add(model)
+            response, logprobs = _sample_eager(model, *args)
     finally:
         model.train(was_training)
     response_mask, has_eos = _response_mask(response, eos_token_id)

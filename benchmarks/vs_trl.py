@@ -1,0 +1,415 @@
+"""tether vs TRL side by side on identical work: SFT, reward model, DPO, GRPO on one tiny Qwen2-shaped model (CPU).
+
+    python benchmarks/vs_trl.py                     # all four stages, 3 runs each, appends the table to RESULTS.md
+    python benchmarks/vs_trl.py --stages dpo,grpo --repeats 5 --no-append
+    python benchmarks/vs_trl.py --smoke --no-append # seconds: tiny model, 3 steps (tests/test_bench.py runs this)
+
+TRL is a benchmark-only extra (`pip install -e ".[bench]"`, or `make bench`), never a tether dependency.
+
+What is identical: the model (Qwen2-shaped, random init, fp32, same weights), the tokenizer (word level: one word is
+one token, so both libraries get the same ids), the data (fixed lengths: prompt P words, completion C-1 words + EOS,
+so there is no padding in either), the batch, the steps, AdamW with the same lr and linear schedule, gradient clipping
+at 1.0, no gradient checkpointing, no mixed precision, one process. GRPO: the same prompts, G completions each of
+exactly C new tokens (the EOS of the GRPO tokenizer is an id outside the model's vocabulary, so no row can stop early
+in either library), temperature 1, no top-k/top-p, β = 0 (TRL's default; no reference model in either), one update
+per generation, the same reward function.
+
+How it is timed: each library runs its normal training loop; a hook stamps the wall clock at the end of every
+optimizer step (TRL: a TrainerCallback.on_step_end; tether: a wrapper around Engine.optimizer_step). A step's time is
+the gap between consecutive stamps, so it covers the whole loop body: data, forward, backward, optimizer, logging.
+tokens/s = tokens per step / the median step time after `warmup` steps; the figure is the median over `repeats`
+runs (tether and TRL alternate). Tokens are counted the same way for both: every token of every row fed to the
+trained model in a step (SFT B·(P+C), RM and DPO 2·B·(P+C), GRPO prompts·G·(P+C)). tether's DPO computes the
+reference log-probs once before the first step (its design); that time is spread over the run's steps and added to
+each, so it is paid for. TRL's DPO runs the reference model in every step (its default, precompute_ref_log_probs=False).
+
+Settings that differ, each library keeping its own default: TRL's defaults gradient_checkpointing=True and bf16=True
+are switched off (tether uses neither here); logging (TRL every 10 steps to nothing, tether every step to
+metrics.jsonl and TensorBoard); TRL's extra per-step metrics (entropy, token accuracy) are its defaults; tether's
+progress bar is off (TRL's tqdm too). Loss aggregations are chosen to be the same maths: TRL GRPO `dapo` = tether
+`token-mean`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+TARGETS = {"sft": 1.3, "reward": 1.5, "dpo": 2.0, "grpo": 3.0}  # tether/TRL tokens/s ratio asked of issue 8
+STAGES = tuple(TARGETS)
+REWARDS_FILE = HERE / "bench_rewards.py"  # the GRPO reward, loaded by path in tether and imported for TRL
+
+
+@dataclass
+class Settings:
+    hidden: int = 256
+    layers: int = 4
+    heads: int = 4
+    kv_heads: int = 0  # 0: as many as heads
+    intermediate: int = 1024
+    vocab: int = 512
+    batch: int = 8  # rows (SFT) or pairs (RM, DPO) per optimizer step
+    prompt_len: int = 32
+    completion_len: int = 64  # completion tokens including the EOS (SFT, RM, DPO); new tokens (GRPO)
+    steps: int = 12
+    grpo_steps: int = 6
+    warmup: int = 2  # steps left out of the timing (first-step allocations, lazy init)
+    group_size: int = 8
+    grpo_prompts: int = 2  # prompts per GRPO step: batch of prompts·G completions
+    repeats: int = 3
+    threads: int = field(default_factory=lambda: torch.get_num_threads())
+    lr: float = 1e-5
+
+
+SMOKE = {"hidden": 32, "layers": 1, "heads": 2, "intermediate": 64, "vocab": 64, "batch": 2, "prompt_len": 4,
+         "completion_len": 6, "steps": 3, "grpo_steps": 3, "warmup": 1, "group_size": 2, "grpo_prompts": 1,
+         "repeats": 1}
+
+
+# --- model, tokenizer and data, written once to a temporary directory -------------------------------------------------
+def word_tokenizer(vocab: int, eos: str = "<eos>"):
+    """Word-level tokenizer: <pad>=0, <eos>=1, <unk>=2, words t3..t{vocab-1}; an `eos` other than <eos> is appended
+    last (id == vocab, outside the model's embedding: the GRPO tokenizer, whose EOS can never be sampled)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    names = ["<pad>", "<eos>", "<unk>"] + [f"t{i}" for i in range(3, vocab)] + ([eos] if eos != "<eos>" else [])
+    tok = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(names)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token=eos, unk_token="<unk>")
+
+
+def build_model(s: Settings):
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=s.vocab, hidden_size=s.hidden, intermediate_size=s.intermediate,
+                         num_hidden_layers=s.layers, num_attention_heads=s.heads, num_key_value_heads=s.kv_heads or s.heads,
+                         max_position_embeddings=max(256, 2 * (s.prompt_len + s.completion_len)),
+                         tie_word_embeddings=True, pad_token_id=0, eos_token_id=1, bos_token_id=None)
+    return AutoModelForCausalLM.from_config(config)
+
+
+def words(rng: random.Random, n: int, vocab: int) -> str:
+    return " ".join(f"t{rng.randrange(3, vocab)}" for _ in range(n))
+
+
+@dataclass
+class Assets:
+    root: Path
+    model_dir: Path  # policy + <eos> tokenizer (SFT, RM, DPO)
+    grpo_dir: Path  # the same weights + the GRPO tokenizer (EOS outside the vocabulary)
+    demos: list[dict]
+    pairs: list[dict]
+    prompts: list[dict]
+
+    def jsonl(self, name: str, rows: list[dict]) -> str:
+        path = self.root / f"{name}.jsonl"
+        if not path.exists():
+            path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return str(path)
+
+
+def build_assets(root: Path, s: Settings) -> Assets:
+    rng = random.Random(0)
+    model = build_model(s)
+    model_dir, grpo_dir = root / "policy", root / "policy-grpo"
+    model.save_pretrained(model_dir)
+    word_tokenizer(s.vocab).save_pretrained(model_dir)
+    model.config.eos_token_id = s.vocab  # the GRPO EOS: never sampled
+    model.generation_config.eos_token_id = s.vocab
+    model.save_pretrained(grpo_dir)
+    word_tokenizer(s.vocab, eos="<stop>").save_pretrained(grpo_dir)
+    n = s.batch * s.steps
+    c = s.completion_len - 1  # + EOS
+    demos = [{"prompt": words(rng, s.prompt_len, s.vocab), "completion": " " + words(rng, c, s.vocab)}
+             for _ in range(n)]
+    pairs = [{"prompt": words(rng, s.prompt_len, s.vocab), "chosen": " " + words(rng, c, s.vocab),
+              "rejected": " " + words(rng, c, s.vocab)} for _ in range(n)]
+    prompts = [{"prompt": words(rng, s.prompt_len, s.vocab), "answer": "0"} for _ in range(s.grpo_prompts * s.grpo_steps)]
+    return Assets(root, model_dir, grpo_dir, demos, pairs, prompts)
+
+
+def tokens_per_step(stage: str, s: Settings) -> int:
+    row = s.prompt_len + s.completion_len
+    return {"sft": s.batch * row, "reward": 2 * s.batch * row, "dpo": 2 * s.batch * row,
+            "grpo": s.grpo_prompts * s.group_size * row}[stage]
+
+
+# --- timing -----------------------------------------------------------------------------------------------------------
+class StepClock:
+    """Wall-clock stamps at the end of each optimizer step; `extra` seconds (amortised one-off work) per step."""
+
+    def __init__(self):
+        self.stamps: list[float] = []
+        self.extra = 0.0
+
+    def tick(self) -> None:
+        self.stamps.append(time.perf_counter())
+
+    def step_seconds(self, warmup: int) -> float:
+        gaps = [b - a for a, b in zip(self.stamps, self.stamps[1:])][max(0, warmup - 1):]
+        if not gaps:
+            raise RuntimeError(f"only {len(self.stamps)} steps were stamped; need more than warmup={warmup}")
+        return statistics.median(gaps) + self.extra
+
+
+@contextlib.contextmanager
+def tether_clock(clock: StepClock, stage: str, total_steps: int):
+    """Stamp tether's optimizer steps; for DPO, spread the one-off reference pass over the steps."""
+    from tether import engine
+    from tether.recipes import dpo
+
+    step, reference = engine.Engine.optimizer_step, dpo.reference_logps
+
+    def stamped_step(self):
+        out = step(self)
+        clock.tick()
+        return out
+
+    def timed_reference(*args, **kwargs):
+        t0 = time.perf_counter()
+        out = reference(*args, **kwargs)
+        clock.extra = (time.perf_counter() - t0) / total_steps
+        return out
+
+    engine.Engine.optimizer_step = stamped_step
+    if stage == "dpo":
+        dpo.reference_logps = timed_reference
+    try:
+        yield
+    finally:
+        engine.Engine.optimizer_step, dpo.reference_logps = step, reference
+
+
+# --- tether ------------------------------------------------------------------------------------------------------------
+def run_tether(stage: str, a: Assets, s: Settings, out: Path) -> StepClock:
+    common = {"out": str(out), "lr": s.lr, "lr_schedule": "linear", "progress": False, "seed": 0}
+    if stage == "sft":
+        from tether.recipes.sft import SFTConfig, run
+
+        cfg = SFTConfig(model=str(a.model_dir), data=a.jsonl("demos", a.demos), batch_size=s.batch,
+                        max_steps=s.steps, eval_fraction=0.0, **common)
+    elif stage == "reward":
+        from tether.recipes.reward import RewardConfig, run
+
+        cfg = RewardConfig(model=str(a.model_dir), data=a.jsonl("pairs", a.pairs), batch_size=s.batch,
+                           max_steps=s.steps, eval_fraction=0.0, normalize=False, min_lr_ratio=0.0, **common)
+    elif stage == "dpo":
+        from tether.recipes.dpo import DPOConfig, run
+
+        cfg = DPOConfig(model=str(a.model_dir), data=a.jsonl("pairs", a.pairs), batch_size=s.batch,
+                        max_steps=s.steps, beta=0.1, loss="dpo", **common)
+    else:
+        from tether.recipes.grpo import GRPOConfig, run
+
+        cfg = GRPOConfig(model=str(a.grpo_dir), task="none", prompts=a.jsonl("prompts", a.prompts),
+                         eval_prompts=a.jsonl("prompts", a.prompts),
+                         rewards=f"python:{REWARDS_FILE}:share_of_t3", group_size=s.group_size,
+                         prompts_per_step=s.grpo_prompts, max_new_tokens=s.completion_len, temperature=1.0, beta=0.0,
+                         aggregation="token-mean", batch_size=s.grpo_prompts * s.group_size, max_steps=s.grpo_steps,
+                         **common)
+    clock = StepClock()
+    with tether_clock(clock, stage, cfg.max_steps):
+        run(cfg)
+    return clock
+
+
+# --- TRL ---------------------------------------------------------------------------------------------------------------
+def trl_args(s: Settings, out: Path, steps: int, trl_defaults: bool) -> dict:
+    gpu = torch.cuda.is_available()  # tether's mixed_precision=auto: bf16 autocast on a GPU, fp32 on a CPU
+    same = {} if trl_defaults else {"gradient_checkpointing": False, "bf16": gpu}  # TRL's defaults: True, True
+    return {"output_dir": str(out), "per_device_train_batch_size": s.batch, "max_steps": steps, "learning_rate": s.lr,
+            "lr_scheduler_type": "linear", "use_cpu": not gpu, "report_to": "none", "save_strategy": "no",
+            "disable_tqdm": True, "seed": 0, "dataloader_num_workers": 0, **same}
+
+
+def run_trl(stage: str, a: Assets, s: Settings, out: Path, trl_defaults: bool = False) -> StepClock:
+    import trl
+    from bench_rewards import share_of_t3
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, TrainerCallback
+
+    from tether.models import load_tokenizer
+
+    clock = StepClock()
+
+    class Stamp(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            clock.tick()
+
+    if stage == "sft":
+        trainer = trl.SFTTrainer(
+            model=AutoModelForCausalLM.from_pretrained(a.model_dir), processing_class=load_tokenizer(a.model_dir),
+            args=trl.SFTConfig(max_length=None, **trl_args(s, out, s.steps, trl_defaults)), train_dataset=Dataset.from_list(a.demos))
+    elif stage == "reward":
+        model = AutoModelForSequenceClassification.from_pretrained(a.model_dir, num_labels=1)
+        trainer = trl.RewardTrainer(
+            model=model, processing_class=load_tokenizer(a.model_dir),
+            args=trl.RewardConfig(max_length=None, **trl_args(s, out, s.steps, trl_defaults)), train_dataset=Dataset.from_list(a.pairs))
+    elif stage == "dpo":
+        trainer = trl.DPOTrainer(
+            model=AutoModelForCausalLM.from_pretrained(a.model_dir), processing_class=load_tokenizer(a.model_dir),
+            args=trl.DPOConfig(max_length=None, beta=0.1, **trl_args(s, out, s.steps, trl_defaults)),
+            train_dataset=Dataset.from_list(a.pairs))
+    else:
+        args = trl_args(s, out, s.grpo_steps, trl_defaults)
+        args["per_device_train_batch_size"] = s.grpo_prompts * s.group_size
+        trainer = trl.GRPOTrainer(
+            model=AutoModelForCausalLM.from_pretrained(a.grpo_dir), processing_class=load_tokenizer(a.grpo_dir),
+            reward_funcs=share_of_t3, train_dataset=Dataset.from_list([{"prompt": p["prompt"]} for p in a.prompts]),
+            args=trl.GRPOConfig(num_generations=s.group_size, max_completion_length=s.completion_len,
+                                temperature=1.0, top_k=0, top_p=1.0, beta=0.0, loss_type="dapo",
+                                steps_per_generation=1, num_iterations=1, shuffle_dataset=False, **args))
+    trainer.add_callback(Stamp())
+    trainer.train()
+    return clock
+
+
+RUNNERS = {"tether": run_tether, "trl": run_trl,
+           "trl-defaults": lambda stage, a, s, out: run_trl(stage, a, s, out, trl_defaults=True)}
+
+
+# --- the table ---------------------------------------------------------------------------------------------------------
+def measure(stages, s: Settings, root: Path, libs=("tether", "trl"), log=print) -> dict[str, dict[str, list[float]]]:
+    """{stage: {"tether": [tokens/s per run], "trl": [...], ...}}; the libraries alternate run by run."""
+    from accelerate.state import AcceleratorState
+
+    assets = build_assets(root, s)
+    found: dict[str, dict[str, list[float]]] = {}
+    for stage in stages:
+        found[stage] = {lib: [] for lib in libs}
+        for r in range(s.repeats):
+            for lib in libs:
+                AcceleratorState._reset_state(reset_partial_state=True)  # one process, several precisions
+                clock = RUNNERS[lib](stage, assets, s, root / f"{stage}-{lib}-{r}")
+                warmup = min(s.warmup, len(clock.stamps) - 2)
+                value = tokens_per_step(stage, s) / clock.step_seconds(warmup)
+                found[stage][lib].append(value)
+                log(f"  {stage:<7} {lib:<7} run {r + 1}/{s.repeats}: {value:,.0f} tokens/s")
+    return found
+
+
+def table(found: dict, s: Settings) -> str:
+    """Medians and ratios; "TRL" is TRL on tether's settings, "TRL defaults" TRL as it comes (when measured)."""
+    defaults = any("trl-defaults" in runs for runs in found.values())
+    head = "| stage | tether tokens/s | TRL tokens/s | tether/TRL | target |"
+    if defaults:
+        head += " TRL defaults tokens/s | tether/TRL defaults |"
+    lines = [head + " runs (tether; TRL" + ("; TRL defaults" if defaults else "") + ") |",
+             "|" + "---|" * (head.count("|"))]
+    for stage, runs in found.items():
+        t, r = statistics.median(runs["tether"]), statistics.median(runs["trl"])
+        mark = "met" if t / r >= TARGETS[stage] else "not met"
+        row = f"| {stage} | {t:,.0f} | {r:,.0f} | {t / r:.2f}x | >= {TARGETS[stage]}x ({mark}) |"
+        if defaults:
+            d = statistics.median(runs["trl-defaults"])
+            row += f" {d:,.0f} | {t / d:.2f}x |"
+        each = "; ".join(", ".join(f"{v:,.0f}" for v in values) for values in runs.values())
+        lines.append(row + f" {each} |")
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return f"{cpu}, {os.cpu_count()} cores visible, {platform.system()} {platform.release()}"
+
+
+def versions() -> str:
+    import transformers
+
+    import tether
+
+    out = [f"python {platform.python_version()}", f"torch {torch.__version__}", f"transformers {transformers.__version__}"]
+    with contextlib.suppress(ImportError):
+        import trl
+
+        out.append(f"trl {trl.__version__}")
+    return ", ".join(out + [f"tether {tether.__version__}"])
+
+
+def report(found: dict, s: Settings) -> str:
+    n_params = sum(p.numel() for p in build_model(s).parameters())
+    settings = {k: v for k, v in asdict(s).items()}
+    return (f"\n## CPU side by side, {dt.date.today().isoformat()} (benchmarks/vs_trl.py)\n\n"
+            f"- machine: {machine()}; torch threads {s.threads}\n- versions: {versions()}\n"
+            f"- model: Qwen2-shaped, {n_params / 1e6:.2f}M parameters, random init, fp32\n"
+            f"- settings: {json.dumps(settings)}\n"
+            f"- tokens/s: median step time after {s.warmup} warm-up steps, median over {s.repeats} runs "
+            "(other processes shared the machine; the per-run figures show the spread)\n\n"
+            f"{table(found, s)}\n")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--stages", default=",".join(STAGES), help="comma list of " + ", ".join(STAGES))
+    p.add_argument("--repeats", type=int, default=None, help="runs per library and stage (median reported)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps per SFT/RM/DPO run")
+    p.add_argument("--grpo-steps", type=int, default=None, help="optimizer steps per GRPO run")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    p.add_argument("--trl-defaults", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time TRL with its own defaults (gradient checkpointing, bf16 autocast)")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes, a few seconds: checks the script runs")
+    p.add_argument("--no-append", action="store_true", help="do not append the table to benchmarks/RESULTS.md")
+    p.add_argument("--results", default=str(HERE / "RESULTS.md"), help="file the table is appended to")
+    args = p.parse_args(argv)
+    try:
+        import trl  # noqa: F401
+    except ImportError:
+        print('vs_trl: TRL is not installed; pip install -e ".[bench]" (or make bench)', file=sys.stderr)
+        return 2
+    stages = [x.strip() for x in args.stages.split(",") if x.strip()]
+    unknown = [x for x in stages if x not in STAGES]
+    if unknown:
+        print(f"vs_trl: unknown stage {unknown[0]!r}; choose from {', '.join(STAGES)}", file=sys.stderr)
+        return 2
+    s = Settings(**(SMOKE if args.smoke else {}))
+    for key in ("repeats", "steps", "grpo_steps", "threads"):
+        if getattr(args, key) is not None:
+            setattr(s, key, getattr(args, key))
+    torch.set_num_threads(s.threads)
+    import logging
+    import warnings
+
+    import datasets
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    logging.getLogger("tether").setLevel(logging.WARNING)
+    with tempfile.TemporaryDirectory(prefix="tether-vs-trl-") as tmp:
+        libs = ("tether", "trl", "trl-defaults") if args.trl_defaults else ("tether", "trl")
+        found = measure(stages, s, Path(tmp), libs)
+    text = report(found, s)
+    print(text)
+    if not args.no_append and not args.smoke:
+        with open(args.results, "a") as f:
+            f.write(text)
+        print(f"appended to {args.results}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""`tether bench` and the benchmark scripts: the command lines, the timing arithmetic, the table, and smoke runs of
+benchmarks/gpu.py (every machine) and benchmarks/vs_trl.py (where TRL is installed) so they do not rot."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tether.bench import BenchConfig, command, run
+from tether.config import ConfigError
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import vs_trl as V  # noqa: E402
+
+
+def test_command_lines():
+    script = str(BENCH / "vs_trl.py")
+    assert command(BenchConfig()) == [sys.executable, script]
+    assert command(BenchConfig(stages="dpo,grpo", repeats=5, threads=2, append=False)) == [
+        sys.executable, script, "--stages", "dpo,grpo", "--repeats", "5", "--threads", "2", "--no-append"]
+    assert command(BenchConfig(suite="gpu", stages="generate", smoke=True)) == [
+        sys.executable, str(BENCH / "gpu.py"), "--parts", "generate", "--smoke"]
+    assert command(BenchConfig(suite="gpu")) == [sys.executable, str(BENCH / "gpu.py"), "--append"]
+
+
+def test_bad_suite_and_missing_checkout_are_clear(tmp_path):
+    with pytest.raises(ConfigError, match="key 'suite' must be one of"):
+        BenchConfig(suite="mlperf").validate()
+    with pytest.raises(FileNotFoundError, match="runs from a source checkout"):
+        run(BenchConfig(benchmarks_dir=str(tmp_path)))
+
+
+def test_step_time_is_the_median_gap_after_warmup_plus_amortised_extra():
+    clock = V.StepClock()
+    clock.stamps = [0.0, 1.0, 3.0, 4.0, 10.0]  # ends of steps 0..4: steps 1..4 took 1, 2, 1, 6 s
+    assert clock.step_seconds(warmup=2) == 2.0  # steps 2..4: 2, 1, 6 -> median 2
+    assert clock.step_seconds(warmup=1) == 1.5  # steps 1..4
+    clock.extra = 0.25  # e.g. tether DPO's one reference pass spread over the steps
+    assert clock.step_seconds(warmup=2) == 2.25
+    with pytest.raises(RuntimeError, match="only 5 steps"):
+        clock.step_seconds(warmup=5)
+
+
+def test_tokens_per_step_and_table():
+    s = V.Settings(batch=8, prompt_len=32, completion_len=64, grpo_prompts=2, group_size=8)
+    assert [V.tokens_per_step(k, s) for k in V.STAGES] == [768, 1536, 1536, 1536]
+    text = V.table({"dpo": {"tether": [300.0, 500.0, 400.0], "trl": [100.0, 200.0, 250.0]},
+                    "sft": {"tether": [130.0], "trl": [100.0]}}, s)
+    assert "| dpo | 400 | 200 | 2.00x | >= 2.0x (met) | 300, 500, 400; 100, 200, 250 |" in text
+    assert "| sft | 130 | 100 | 1.30x | >= 1.3x (met) |" in text
+    low = V.table({"grpo": {"tether": [290.0], "trl": [100.0], "trl-defaults": [50.0]}}, s)
+    assert "| grpo | 290 | 100 | 2.90x | >= 3.0x (not met) | 50 | 5.80x | 290; 100; 50 |" in low
+
+
+def test_benchmark_tokenizer_is_one_token_per_word_and_grpo_eos_is_outside_the_vocabulary():
+    tok = V.word_tokenizer(16)
+    assert tok("t3 t4 t15").input_ids == [3, 4, 15] and tok.eos_token_id == 1
+    grpo = V.word_tokenizer(16, eos="<stop>")
+    assert grpo.eos_token_id == 16 and grpo("t3 t4").input_ids == [3, 4]
+
+
+def test_gpu_script_generation_smoke():
+    out = subprocess.run([sys.executable, str(BENCH / "gpu.py"), "--smoke", "--parts", "generate"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    for backend in ("hf", "eager", "graph"):
+        assert f"| generate {backend}, batch 4, 4 + 6 tokens |" in out.stdout
+    assert "| graph / hf |" in out.stdout
+
+
+@pytest.mark.slow
+def test_gpu_script_full_smoke():
+    out = subprocess.run([sys.executable, str(BENCH / "gpu.py"), "--smoke"], capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "| GRPO tether (graph), 1 prompts x 2, 4 + 6 |" in out.stdout and "| DPO tether, batch 2, 4 + 6 |" in out.stdout
+
+
+@pytest.mark.slow
+def test_vs_trl_smoke():
+    pytest.importorskip("trl")
+    out = subprocess.run([sys.executable, str(BENCH / "vs_trl.py"), "--smoke", "--no-append", "--no-trl-defaults"],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    for stage in V.STAGES:
+        assert f"| {stage} |" in out.stdout
