@@ -73,6 +73,17 @@ def _load(command: str):
     return module, getattr(module, cls_name)
 
 
+def quiet_libraries() -> None:
+    """tether's own log lines at INFO; the libraries' per-load progress bars and the tied-weights notice on every save
+    are noise in a run that loads and saves models many times (the run's own progress bar says where it is)."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("tether").setLevel(logging.INFO)
+    logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)  # "Removed shared tensor {'lm_head.weight'}"
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # "Loading weights", "Writing model shards"
+
+
 def _label(argv: list[str]) -> int:
     from tether.feedback.cli import main as label_main
 
@@ -107,8 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown_flags:
         print(f"tether {command}: unknown option {unknown_flags[0]}; settings are key=value", file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("tether").setLevel(logging.INFO)
+    quiet_libraries()
     try:
         cfg = load_config(cls, args.config, overrides, recipe=command)
         summary = module.run(cfg)
