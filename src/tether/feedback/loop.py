@@ -29,6 +29,7 @@ import json
 import logging
 import random
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -216,24 +217,21 @@ def run(cfg) -> dict:
     store = Store(cfg.db or out / "feedback.sqlite")
     store.set_meta("raters_per_item", str(cfg.raters_per_item))
     start = start_policy(cfg, task)
-    server, url = None, ""
-    if cfg.raters == "human":
-        from tether.feedback.app import BackgroundServer, create_app
-
-        server = BackgroundServer(create_app(store), cfg.host, cfg.port).__enter__()
-        url = server.url
-        if not store.rater_names():
-            log.warning("no raters yet: add them with `tether label add-rater NAME --db %s --url %s`", store.path, url)
     rows, policy = [], start
-    try:
+    with ExitStack() as stack:
+        url = ""
+        if cfg.raters == "human":
+            from tether.feedback.app import BackgroundServer, create_app
+
+            url = stack.enter_context(BackgroundServer(create_app(store), cfg.host, cfg.port)).url
+            if not store.rater_names():
+                log.warning("no raters yet: add them with `tether label add-rater NAME --db %s --url %s`",
+                            store.path, url)
         for k in range(1, cfg.rounds + 1):
             row = run_round(cfg, store, task, start, policy, k, url)
             log.info("round %d: %s", k, row)
             rows.append(row)
             policy = row["policy"]
-    finally:
-        if server is not None:
-            server.__exit__(None, None, None)
     write_jsonl(out / "loop.jsonl", rows)
     summary = {"rounds": len(rows), "policy": policy, "labels": rows[-1]["labels"], "per_round": rows,
                "gold_reward_round_0": rows[0]["gold_start"],
