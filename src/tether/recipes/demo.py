@@ -55,7 +55,8 @@ DEMO_DEFAULTS = {
     "ppo_n_eval_prompts": 64,
     "ppo_eval_samples": 2,
     "ppo_eval_every": 20,
-    "dpo_lr": 1e-4,
+    "dpo_lr": 1e-3,  # measured: +1.03 SFT-std gold at KL 7.7 in 132 s (1e-4 for 1 epoch: +0.2 std, KL 0.02)
+    "dpo_epochs": 2.0,
     "dpo_batch_size": 32,
     "dpo_max_prompt_len": 32,
     "dpo_max_completion_len": 64,
