@@ -336,8 +336,9 @@ def test_reviews_rm_reaches_bayes_accuracy(tmp_path):
     from tether.tasks import reviews
 
     base = reviews.build_base()
-    reviews.write_data(tmp_path / "data", n_sft=200, n_pairs=2000, n_rankings=0, seed=0)
+    reviews.write_data(tmp_path / "data", n_sft=200, n_pairs=2000, n_rankings=0, seed=0, n_test_pairs=1000)
     cfg = load_config(RewardConfig, None, [f"model={base}", f"data={tmp_path / 'data' / 'prefs.jsonl'}",
+                                           f"eval_data={tmp_path / 'data' / 'prefs_test.jsonl'}",
                                            f"out={tmp_path / 'rm'}", "task=reviews", "progress=false",
                                            "lr=2e-3", "epochs=2", "batch_size=32", "max_prompt_len=32",
                                            "max_completion_len=64",

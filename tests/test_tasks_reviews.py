@@ -66,6 +66,20 @@ def test_write_data_formats(tmp_path):
     assert sorted(ranks[0]["ranking"]) == [0, 1, 2, 3]
     meta = json.loads(files["meta"].read_text())
     assert 0.5 < meta["bayes_accuracy"] < 1.0 and meta["n"] == 30
+    assert "prefs_test" not in files  # held-out comparisons only when asked for
+
+
+def test_held_out_comparisons_use_the_test_prompts_and_their_own_sidecar(tmp_path):
+    files = R.write_data(tmp_path, n_sft=5, n_pairs=30, n_test_pairs=40)
+    train, test = load_records(files["prefs"], "pairs"), load_records(files["prefs_test"], "pairs")
+    test_prompts = {p["prompt"] for p in R.prompts("test", 64)}
+    assert len(test) == 40 and all(r["prompt"] in test_prompts for r in test)
+    assert not {r["prompt"] for r in train} & test_prompts
+    meta = json.loads((tmp_path / "prefs_test.meta.json").read_text())
+    assert meta["n"] == 40 and meta["split"] == "test" and 0.5 < meta["bayes_accuracy"] < 1.0
+    # the training comparisons do not depend on whether a test set is written
+    again = R.write_data(tmp_path / "again", n_sft=5, n_pairs=30)
+    assert load_records(again["prefs"], "pairs") == train
 
 
 def test_tiny_base_builds_loads_and_generates(tmp_path):

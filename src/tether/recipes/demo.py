@@ -73,6 +73,7 @@ class DemoBase(PipelineBase):
     nokl_max_steps: int = opt(120, "PPO steps of the β = 0 run")
     n_sft: int = opt(2000, "demonstrations written for SFT")
     n_pairs: int = opt(2000, "comparisons labelled by the simulated raters for the reward model (and DPO)")
+    n_test_pairs: int = opt(1000, "held-out comparisons on the test prompts: the reward model's evaluation set")
     report: bool = opt(True, "write report.html + PNGs and print a summary")
 
     def stage_list(self) -> list[str]:
@@ -98,8 +99,10 @@ def prepare(cfg) -> Path:
         cfg.model = str(task.build_base(seed=cfg.seed))
     data = Path(cfg.out) / "data"
     if not (data / "prefs.jsonl").exists():
-        task.write_data(data, n_sft=cfg.n_sft, n_pairs=cfg.n_pairs, n_rankings=0, seed=cfg.seed)
+        task.write_data(data, n_sft=cfg.n_sft, n_pairs=cfg.n_pairs, n_rankings=0, seed=cfg.seed,
+                        n_test_pairs=cfg.n_test_pairs)
     fill = {"sft_data": data / "sft.jsonl", "rm_data": data / "prefs.jsonl", "ppo_prompts": data / "prompts_train.jsonl",
+            "rm_eval_data": data / "prefs_test.jsonl" if cfg.n_test_pairs else "",
             "ppo_eval_prompts": data / "prompts_test.jsonl", "dpo_data": data / "prefs.jsonl",
             "dpo_eval_prompts": data / "prompts_test.jsonl"}
     for key, value in fill.items():

@@ -220,7 +220,7 @@ def train_one(cfg: RewardConfig, tokenizer, train: Comparisons, held: Comparison
     return engine.finish({
         "eval_accuracy": found.get("accuracy", float("nan")),
         "eval_loss": found.get("loss", float("nan")),
-        "bayes_accuracy": bayes_accuracy(cfg.data),
+        "bayes_accuracy": bayes_accuracy(cfg.eval_data or cfg.data),  # the labels the accuracy is measured on
         "ece": found.get("ece", float("nan")),
         "reward_gain": gain,
         "reward_bias": bias,
@@ -262,7 +262,7 @@ def train_ensemble(cfg: RewardConfig, tokenizer, train: Comparisons, held: Compa
     return top.finish({
         "eval_accuracy": found.get("accuracy", float("nan")),
         "eval_loss": found.get("loss", float("nan")),
-        "bayes_accuracy": bayes_accuracy(cfg.data),
+        "bayes_accuracy": bayes_accuracy(cfg.eval_data or cfg.data),  # the labels the accuracy is measured on
         "ece": found.get("ece", float("nan")),
         "member_eval_accuracy_mean": mean("eval_accuracy"),
         "reward_gain": [m["reward_gain"] for m in members],

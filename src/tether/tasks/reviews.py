@@ -177,11 +177,13 @@ def bayes_accuracy(gold_a: float, gold_b: float, tau: float) -> float:
     return max(p, 1.0 - p)
 
 
-def preference_pairs(n: int, seed: int = 0, tau: float = 1.0, raters: dict[str, float] | None = None) -> list[dict]:
-    """Two SFT-like completions of one prompt, labelled by a rater (named raters with their own τ if given)."""
-    rng = random.Random(f"pairs-{seed}")
+def preference_pairs(n: int, seed: int = 0, tau: float = 1.0, raters: dict[str, float] | None = None,
+                     split: str = "train") -> list[dict]:
+    """Two SFT-like completions of one prompt, labelled by a rater (named raters with their own τ if given).
+    split="test" draws other pairs on the held-out prompts: a comparison set no reward model trained on."""
+    rng = random.Random(f"pairs-{seed}" if split == "train" else f"pairs-{split}-{seed}")
     raters = raters or {"sim": tau}
-    train = [p["prompt"] for p in prompts("train", 64, seed)]
+    train = [p["prompt"] for p in prompts(split, 64, seed)]
     out = []
     for _ in range(n):
         prompt = rng.choice(train)
@@ -216,25 +218,29 @@ def rankings(n: int, k: int = 4, seed: int = 0, tau: float = 1.0) -> list[dict]:
 
 
 def write_data(out_dir, n_sft: int = 2000, n_pairs: int = 2000, n_rankings: int = 0, seed: int = 0,
-               tau: float = 1.0, n_test_prompts: int = 128) -> dict[str, Path]:
-    """prompts_train/test.jsonl, sft.jsonl, prefs.jsonl (+ prefs.meta.json), rankings.jsonl in DESIGN.md formats."""
+               tau: float = 1.0, n_test_prompts: int = 128, n_test_pairs: int = 0) -> dict[str, Path]:
+    """prompts_train/test.jsonl, sft.jsonl, prefs.jsonl (+ prefs.meta.json), rankings.jsonl in DESIGN.md formats;
+    with n_test_pairs, prefs_test.jsonl (+ its sidecar): held-out comparisons on the test prompts."""
     from tether.data import write_jsonl
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    pairs = preference_pairs(n_pairs, seed, tau)
-    bayes = sum(p.pop("bayes") for p in pairs) / max(1, len(pairs))
     files = {
         "prompts_train": write_jsonl(out / "prompts_train.jsonl", prompts("train", 512, seed)),
         "prompts_test": write_jsonl(out / "prompts_test.jsonl", prompts("test", n_test_prompts, seed)),
         "sft": write_jsonl(out / "sft.jsonl", sft_demonstrations(n_sft, seed)),
-        "prefs": write_jsonl(out / "prefs.jsonl", pairs),
     }
+    splits = {"prefs": ("train", n_pairs)} | ({"prefs_test": ("test", n_test_pairs)} if n_test_pairs else {})
+    for name, (split, n) in splits.items():
+        pairs = preference_pairs(n, seed, tau, split=split)
+        bayes = sum(p.pop("bayes") for p in pairs) / max(1, len(pairs))
+        files[name] = write_jsonl(out / f"{name}.jsonl", pairs)
+        meta = {"task": "reviews", "n": n, "tau": tau, "bayes_accuracy": bayes, "seed": seed, "split": split}
+        files[f"{name}_meta"] = out / f"{name}.meta.json"
+        files[f"{name}_meta"].write_text(json.dumps(meta, indent=2) + "\n")
+    files["meta"] = files["prefs_meta"]
     if n_rankings:
         files["rankings"] = write_jsonl(out / "rankings.jsonl", rankings(n_rankings, 4, seed, tau))
-    meta = {"task": "reviews", "n": n_pairs, "tau": tau, "bayes_accuracy": bayes, "seed": seed}
-    (out / "prefs.meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-    files["meta"] = out / "prefs.meta.json"
     return files
 
 
