@@ -33,7 +33,7 @@ def test_dominance_by_hand():
     assert last["margin"] == pytest.approx(0.5) and last["margin_se"] == pytest.approx(math.sqrt(0.25 + 1e-4))
     assert not last["significant"]
     text = F.describe_dominance(segments)
-    assert "KL 0.20–1.00 nats: bon best" in text and "KL ≥ 4.00 nats: ppo best" in text and "not resolved" in text
+    assert "KL 0.200–1.000 nats: bon best" in text and "KL ≥ 4.000 nats: ppo best" in text and "not resolved" in text
 
 
 def test_dominance_ties_and_best_within():
@@ -47,9 +47,10 @@ def test_dominance_ties_and_best_within():
 def test_config_checks():
     with pytest.raises(ConfigError, match="unknown method"):
         load_config(F.FrontierConfig, None, {"stages": "ppo,rlhf"})
-    cfg = load_config(F.FrontierConfig, None, {"betas_ppo": "0.05,0.5", "stages": "ppo,bon"})
-    assert list(cfg.sweep()) == ["ppo_beta0.05", "ppo_beta0.5"]
-    assert cfg.stage_table()["ppo_beta0.5"].prefix == "ppo"
+    cfg = load_config(F.FrontierConfig, None, {"betas_ppo": "0.05,0.5", "stages": "ppo,bon,odpo"})
+    assert list(cfg.sweep()) == ["ppo_beta0.05", "ppo_beta0.5", "odpo_beta0.1"]
+    assert cfg.stage_table()["ppo_beta0.5"].prefix == "ppo" and cfg.stage_table()["odpo_beta0.1"].prefix == "dpo"
+    assert cfg.sweep()["odpo_beta0.1"][1]["online"] is True
 
 
 TINY = {
@@ -57,7 +58,8 @@ TINY = {
     "betas_ppo": "0.05", "ppo_max_steps": 2, "ppo_rollout_batch": 8, "ppo_batch_size": 4, "ppo_num_minibatches": 2,
     "ppo_ppo_epochs": 1, "ppo_eval_every": 1, "ppo_n_eval_prompts": 4, "ppo_eval_samples": 1, "ppo_max_new_tokens": 8,
     "betas_dpo": "0.1,0.5", "dpo_max_steps": 2, "dpo_batch_size": 4, "dpo_eval_every": 1, "dpo_n_eval_prompts": 4,
-    "dpo_eval_samples": 1, "dpo_max_new_tokens": 8, "dpo_lr": 1e-2, "bon_ns": "1,2,4", "progress": False,
+    "dpo_eval_samples": 1, "dpo_max_new_tokens": 16, "dpo_lr": 1e-2, "bon_ns": "1,2,4", "progress": False,
+    "stages": "ppo,dpo,bon,odpo", "odpo_rounds": 2, "odpo_pairs_per_round": 16,  # 16 tokens: enough responses end
 }
 
 
@@ -70,9 +72,10 @@ def test_frontier_end_to_end_on_a_tiny_model(tmp_path):
     by = {}
     for r in rows:
         by.setdefault(r["method"], []).append(r)
-    # SFT point, PPO 1 β × (eval after step 1, end), DPO 2 β × 2 evaluations, best-of-n n = 2, 4
+    # SFT point, PPO 1 β × (eval after step 1, end), DPO 2 β × 2 evaluations, online DPO 2 rounds, best-of-n n = 2, 4
     assert len(by["sft"]) == 1 and float(by["sft"][0]["kl"]) == 0.0
     assert len(by["ppo"]) == 2 and len(by["dpo"]) == 4 and [r["setting"] for r in by["bon"]] == ["n=2", "n=4"]
+    assert [r["run"] for r in by["odpo"]] == ["odpo_beta0.1"] * 2
     assert [float(r["kl"]) for r in by["bon"]] == pytest.approx([math.log(2) - 0.5, math.log(4) - 0.75])
     assert all(math.isfinite(float(r["kl"])) and math.isfinite(float(r["gold"])) for r in rows)
     assert (out / "frontier.png").stat().st_size > 10_000

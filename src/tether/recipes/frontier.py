@@ -9,7 +9,9 @@ settings, in out/sft and out/rm), then
 - PPO against the RM for each β in `betas_ppo` (out/ppo_beta<β>), held-out evaluations every `ppo_eval_every` steps;
 - DPO on the raters' comparisons for each β in `betas_dpo` (out/dpo_beta<β>), evaluations every `dpo_eval_every`;
 - best-of-n by the RM from the SFT policy for every n in `bon_ns` (out/bon): gold by the unbiased estimator,
-  KL = log n − (n−1)/n.
+  KL = log n − (n−1)/n;
+- opt in (stages=ppo,dpo,bon,odpo): online DPO for each β in `betas_odpo` (out/odpo_beta<β>), `odpo_rounds` rounds
+  of `odpo_pairs_per_round` pairs sampled from the policy and labelled by the simulated raters, evaluated each round.
 Every held-out evaluation is a point (sequence-level KL to the SFT policy, mean gold reward) on the same held-out
 prompts. Outputs in `out`: frontier.csv (all points), frontier.png, and frontier.txt / summary.json saying which
 method reaches the highest gold within each KL budget (`dominance`), with the margin and its standard error — whatever
@@ -34,7 +36,9 @@ from tether.report import read_jsonl
 
 log = logging.getLogger(__name__)
 
-METHODS = ("ppo", "dpo", "bon")
+METHODS = ("ppo", "dpo", "bon", "odpo")
+STAGE_OF = {"ppo": "ppo", "dpo": "dpo", "odpo": "dpo"}  # the recipe stage a swept method runs (bon runs on its own)
+LABELS = {"ppo": "PPO (β sweep)", "dpo": "DPO (β sweep)", "bon": "best-of-n (analytic KL)", "odpo": "online DPO"}
 # CPU defaults (two cores) are the demo's, measured on `reviews`: PPO 60 steps (~3.5 min a run), DPO lr 1e-3 for
 # 2 epochs (125 steps, ~2.5 min). Held-out evaluations every ~20 steps give each run a trajectory of points.
 FRONTIER_DEFAULTS = {**DEMO_DEFAULTS, "ppo_eval_every": 20, "dpo_eval_every": 21}
@@ -48,9 +52,13 @@ class FrontierBase(PipelineBase):
     stages: str = opt("ppo,dpo,bon", "methods to sweep (comma list of ppo, dpo, bon)")
     betas_ppo: list[float] = opt([0.01, 0.05, 0.2], "PPO KL coefficients β, one run each")
     betas_dpo: list[float] = opt([0.05, 0.1, 0.3], "DPO β values, one run each")
+    betas_odpo: list[float] = opt([0.1], "online DPO β values (method odpo: opt in with stages=...,odpo)")
+    odpo_rounds: int = opt(4, "online DPO rounds (odpo)")
+    odpo_pairs_per_round: int = opt(256, "online DPO prompts per round, labelled by the simulated raters (odpo)")
     bon_ns: list[int] = opt([1, 2, 4, 8, 16], "best-of-n values (samples per prompt: the largest)")
     n_sft: int = opt(2000, "demonstrations written for SFT")
     n_pairs: int = opt(2000, "comparisons labelled by the simulated raters for the RM and DPO")
+    n_test_pairs: int = opt(1000, "held-out comparisons on the test prompts: the reward model's evaluation set")
 
     def methods(self) -> list[str]:
         return [s.strip() for s in self.stages.split(",") if s.strip()]
@@ -63,19 +71,19 @@ class FrontierBase(PipelineBase):
             raise ConfigError("eval frontier runs on the reviews task (its data, raters and gold reward)")
 
     def sweep(self) -> dict[str, tuple[str, dict]]:
-        """Run name -> (stage, overrides) of every PPO and DPO sweep point."""
-        runs = {}
-        if "ppo" in self.methods():
-            runs.update({f"ppo_beta{b:g}": ("ppo", {"kl_coef": b}) for b in self.betas_ppo})
-        if "dpo" in self.methods():
-            runs.update({f"dpo_beta{b:g}": ("dpo", {"beta": b}) for b in self.betas_dpo})
-        return runs
+        """Run name -> (method, overrides of its stage) of every PPO, DPO and online-DPO sweep point."""
+        online = {"online": True, "rounds": self.odpo_rounds, "pairs_per_round": self.odpo_pairs_per_round,
+                  "label_source": "raters"}
+        grids = {"ppo": [(b, {"kl_coef": b}) for b in self.betas_ppo],
+                 "dpo": [(b, {"beta": b}) for b in self.betas_dpo],
+                 "odpo": [(b, {"beta": b, **online}) for b in self.betas_odpo]}
+        return {f"{m}_beta{b:g}": (m, o) for m in self.methods() if m in grids for b, o in grids[m]}
 
     def stage_list(self) -> list[str]:
         return ["sft", "rm", *self.sweep()]
 
     def stage_table(self) -> dict[str, Stage]:
-        return {**DEMO_STAGES, **{name: DEMO_STAGES[stage] for name, (stage, _) in self.sweep().items()}}
+        return {**DEMO_STAGES, **{name: DEMO_STAGES[STAGE_OF[m]] for name, (m, _) in self.sweep().items()}}
 
 
 FrontierConfig = dataclasses.make_dataclass(
@@ -154,7 +162,7 @@ def dominance(points: dict[str, list[dict]], start: dict) -> list[dict]:
 def describe_dominance(segments: list[dict]) -> str:
     lines = []
     for s in segments:
-        span = f"KL {s['kl_from']:.2f}–{s['kl_to']:.2f}" if math.isfinite(s["kl_to"]) else f"KL ≥ {s['kl_from']:.2f}"
+        span = f"KL {s['kl_from']:.3f}–{s['kl_to']:.3f}" if math.isfinite(s["kl_to"]) else f"KL ≥ {s['kl_from']:.3f}"
         note = "" if s["significant"] else " (within 2 standard errors: not resolved)"
         lines.append(f"{span} nats: {s['best']} best, gold {s['gold']:.3f} vs {s['runner_up']} "
                      f"{s['runner_up_gold']:.3f} (margin {s['margin']:.3f} ± {s['margin_se']:.3f}){note}")
@@ -168,7 +176,7 @@ def plot_frontier(points: list[dict], path: Path) -> Path:
 
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 5))
-    colors = {"ppo": "tab:blue", "dpo": "tab:orange", "bon": "tab:green"}
+    colors = {"ppo": "tab:blue", "dpo": "tab:orange", "bon": "tab:green", "odpo": "tab:red"}
     start = next(p for p in points if p["method"] == "sft")
     ax.scatter([0.0], [start["gold"]], color="black", marker="*", s=120, zorder=4, label="SFT policy")
     for method, color in colors.items():
@@ -177,7 +185,7 @@ def plot_frontier(points: list[dict], path: Path) -> Path:
             continue
         style = "o-" if method == "bon" else "o"
         ax.plot([p["kl"] for p in pts], [p["gold"] for p in pts], style, color=color, alpha=0.75,
-                label={"bon": "best-of-n (analytic KL)", "ppo": "PPO (β sweep)", "dpo": "DPO (β sweep)"}[method])
+                label=LABELS[method])
         for p in pts:
             if method == "bon" or p["step"] == max(q["step"] for q in pts if q["run"] == p["run"]):
                 ax.annotate(p["setting"], (p["kl"], p["gold"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
@@ -187,7 +195,8 @@ def plot_frontier(points: list[dict], path: Path) -> Path:
             hull.append((p["kl"], best))
         ax.step([0.0] + [h[0] for h in hull], [start["gold"]] + [h[1] for h in hull], where="post", color=color,
                 alpha=0.35, linestyle="--")
-    ax.set_xlabel("KL(π‖π_SFT), nats per sequence")
+    ax.set_xscale("symlog", linthresh=1.0)  # linear below 1 nat, where best-of-n lives; logarithmic beyond
+    ax.set_xlabel("KL(π‖π_SFT), nats per sequence (symlog)")
     ax.set_ylabel("mean gold reward (held-out prompts)")
     ax.set_title("reward vs KL frontier on `reviews`")
     ax.grid(alpha=0.3)
@@ -220,11 +229,11 @@ def run(cfg) -> dict:
         run_stage(cfg, name)
     out = Path(cfg.out)
     points, start = [], None
-    for name, (stage, overrides) in cfg.sweep().items():
+    for name, (method, overrides) in cfg.sweep().items():
         summary = run_stage(cfg, name, overrides)
         start = start or summary
         setting = f"β={overrides.get('kl_coef', overrides.get('beta'))}"
-        points += eval_points(stage, setting, out / name)
+        points += eval_points(method, setting, out / name)
     if "bon" in cfg.methods():
         points += bon_points(run_bon(cfg, out / "bon"))
     if start is None:  # only best-of-n: the SFT point from its own table (n = 1)
