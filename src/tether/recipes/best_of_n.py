@@ -22,6 +22,11 @@
    TRAINING prompt from the current policy, keeps the proxy-best (if it ended with EOS), and runs `tether sft` on
    those winners (round-R/winners.jsonl -> round-R/sft); the next round samples from the new model. The final model is
    evaluated against the starting one on the held-out prompts (gold reward, KL) like DPO and PPO.
+
+Measured on `reviews` (the demo's SFT policy and RM, 2 CPU cores): best-of-8 by the RM lifts held-out gold from 0.01
+to 1.70 (+1.14 SFT-std) at KL 1.20; fine-tuning on best-of-8 winners of 256 prompts (sft_lr 1e-3, 2 epochs — with
+1e-4 for 1 epoch the policy hardly moves, KL 0.002) gives +0.68 SFT-std at KL 0.68 in 27 s for one round and +1.26 at
+KL 5.9 in 55 s for rounds=3, with distinct-2 falling from 0.42 to 0.15 (the winners are alike).
 """
 
 from __future__ import annotations
@@ -63,8 +68,8 @@ class BoNConfig:
     rounds: int = opt(1, "sft=true: rounds of sample -> pick -> fine-tune (expert iteration)")
     train_prompts: str = opt("", "sft=true: prompts the winners are drawn for (default: the task's train split)")
     n_train_prompts: int = opt(256, "sft=true: training prompts per round")
-    sft_lr: float = opt(1e-4, "sft=true: learning rate")
-    sft_epochs: float = opt(1.0, "sft=true: passes over each round's winners")
+    sft_lr: float = opt(1e-3, "sft=true: learning rate")
+    sft_epochs: float = opt(2.0, "sft=true: passes over each round's winners")
     sft_batch_size: int = opt(16, "sft=true: batch size")
     sft_max_steps: int = opt(0, "sft=true: steps per round (0 = from sft_epochs)")
     eval_samples: int = opt(2, "sft=true: samples per held-out prompt for gold/KL before and after")
