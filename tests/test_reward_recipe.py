@@ -340,7 +340,7 @@ def test_reviews_rm_reaches_bayes_accuracy(tmp_path):
     cfg = load_config(RewardConfig, None, [f"model={base}", f"data={tmp_path / 'data' / 'prefs.jsonl'}",
                                            f"eval_data={tmp_path / 'data' / 'prefs_test.jsonl'}",
                                            f"out={tmp_path / 'rm'}", "task=reviews", "progress=false",
-                                           "lr=2e-3", "epochs=2", "batch_size=32", "max_prompt_len=32",
+                                           "lr=1e-3", "epochs=2", "batch_size=16", "max_prompt_len=32",
                                            "max_completion_len=64",
                                            f"normalize_data={tmp_path / 'data' / 'sft.jsonl'}"])
     summary = run(cfg)

@@ -41,9 +41,9 @@ DEMO_DEFAULTS = {
     "sft_batch_size": 32,
     "sft_max_prompt_len": 32,
     "sft_max_completion_len": 64,
-    "rm_lr": 2e-3,
+    "rm_lr": 1e-3,  # measured with batch 16, 2 epochs: held-out accuracy 0.782 vs Bayes 0.805 (lr 2e-3, batch 32: 0.748)
     "rm_epochs": 2.0,
-    "rm_batch_size": 32,
+    "rm_batch_size": 16,
     "rm_max_prompt_len": 32,
     "rm_max_completion_len": 64,
     "ppo_max_steps": 60,
@@ -51,9 +51,9 @@ DEMO_DEFAULTS = {
     "ppo_batch_size": 32,
     "ppo_num_minibatches": 2,
     "ppo_max_new_tokens": 48,
-    "ppo_lr": 3e-5,
-    "ppo_n_eval_prompts": 64,
-    "ppo_eval_samples": 2,
+    "ppo_lr": 6e-5,  # measured with the RM above: +1.36 SFT-std gold at KL 4.4 in 60 steps (4e-5: +1.21 at KL 3.3)
+    "ppo_n_eval_prompts": 128,  # 512 held-out samples: the gain's standard error is about 0.05 SFT-std
+    "ppo_eval_samples": 4,
     "ppo_eval_every": 20,
     "dpo_lr": 1e-3,  # measured: +1.03 SFT-std gold at KL 7.7 in 132 s (1e-4 for 1 epoch: +0.2 std, KL 0.02)
     "dpo_epochs": 2.0,
