@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: install
-	OMP_NUM_THREADS= $(BIN)/tether demo
+	env -u OMP_NUM_THREADS $(BIN)/tether demo
 
 lint: install
 	$(BIN)/ruff check .
@@ -33,7 +33,7 @@ test-slow: install
 
 bench: install
 	$(BIN)/pip install --quiet -e ".[bench]"
-	OMP_NUM_THREADS= $(BIN)/python benchmarks/vs_trl.py
+	env -u OMP_NUM_THREADS $(BIN)/python benchmarks/vs_trl.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
