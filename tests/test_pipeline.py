@@ -149,7 +149,12 @@ def test_demo_on_a_tiny_model_runs_every_stage_and_reports(tmp_path):
     for stage in cfg.stage_list():
         assert (tmp_path / "demo" / stage / "summary.json").exists(), stage
     assert "ppo_nokl" in cfg.stage_list()
-    assert yaml.safe_load((tmp_path / "demo" / "ppo_nokl" / "config.yaml").read_text())["kl_coef"] == 0.0
+    nokl = yaml.safe_load((tmp_path / "demo" / "ppo_nokl" / "config.yaml").read_text())
+    assert nokl["kl_coef"] == 0.0 and nokl["reward"] == f"rm:{tmp_path / 'demo' / 'rm_small'}"  # the weak proxy
+    small = yaml.safe_load((tmp_path / "demo" / "rm_small" / "config.yaml").read_text())
+    assert small["data"].endswith("prefs_small.jsonl") and any(k.startswith("rm_small/") for k in summary)
+    n_small = len((tmp_path / "demo" / "data" / "prefs_small.jsonl").read_text().splitlines())
+    assert n_small == min(cfg.overopt_pairs, 40)
     assert summary["ppo/gold_reward_start"] == summary["ppo/gold_reward_start"]  # the task's gold is reported
     assert (tmp_path / "demo" / "report.html").exists() and (tmp_path / "demo" / "overoptimisation.png").exists()
 

@@ -17,7 +17,8 @@ import math
 from pathlib import Path
 
 POLICY_STAGES = ("ppo", "ppo_nokl", "dpo")  # stages that train a policy and report gold/KL start and end
-LABELS = {"ppo": "PPO", "ppo_nokl": "PPO, β = 0", "dpo": "DPO", "sft": "SFT", "rm": "reward model"}
+LABELS = {"ppo": "PPO", "ppo_nokl": "PPO, β = 0, weak proxy", "dpo": "DPO", "sft": "SFT", "rm": "reward model",
+          "rm_small": "weak proxy RM"}
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -40,7 +41,7 @@ def load_stage(stage_dir: Path) -> dict | None:
 def load_run(out_dir: str | Path) -> dict[str, dict]:
     """{stage name: load_stage(...)} for every finished stage under out_dir, in a fixed order."""
     out_dir = Path(out_dir)
-    order = ["sft", "rm", "ppo", "dpo", "ppo_nokl"]
+    order = ["sft", "rm", "ppo", "dpo", "rm_small", "ppo_nokl"]
     names = order + sorted(p.name for p in out_dir.iterdir() if p.is_dir() and p.name not in order)
     stages = {name: load_stage(out_dir / name) for name in names if (out_dir / name).is_dir()}
     return {k: v for k, v in stages.items() if v is not None}
@@ -188,6 +189,12 @@ def text_summary(out_dir: str | Path) -> str:
         lines.append(f"{row['stage']:<11} gold {_fmt(row['gold_start'])} -> {_fmt(row['gold_end'])} "
                      f"({_fmt(row['gain_sft_std'])} SFT-std), KL {_fmt(row['kl_end'])} nats, "
                      f"proxy {_fmt(row['proxy_start'])} -> {_fmt(row['proxy_end'])}")
+    evals = [e for e in stages.get("ppo_nokl", {}).get("evals", []) if "gold_mean" in e]
+    if len(evals) > 1:  # over-optimisation: where the held-out gold peaked, and what the proxy did after
+        peak, last = max(evals, key=lambda e: e["gold_mean"]), evals[-1]
+        lines.append(f"β = 0 vs the weak proxy: gold peaked at {_fmt(peak['gold_mean'])} (step {peak['step']}), "
+                     f"ended at {_fmt(last['gold_mean'])} while the proxy went {_fmt(peak.get('proxy_mean'))} -> "
+                     f"{_fmt(last.get('proxy_mean'))}")
     if "ppo" in stages:
         s = stages["ppo"]["summary"]
         gain, kl = gold_gain(s), s.get("kl_end")

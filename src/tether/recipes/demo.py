@@ -11,8 +11,12 @@ each in out/<stage> with its own summary.json (a finished stage is skipped when 
 and PNGs in `out` (report.py), and a short summary in the terminal.
 
 Stages: sft, rm, ppo (the default), dpo (by name: stages=sft,rm,ppo,dpo) and ppo_nokl (PPO with the KL tether off, to show
-over-optimisation; selected by overopt=true or by name). Every setting of a stage is a key <prefix>_<key> as in
-`tether pipeline` (ppo_nokl shares the ppo_* keys; its steps are nokl_max_steps). The defaults below are what fits
+over-optimisation; selected by overopt=true or by name). ppo_nokl optimises a weak proxy, rm_small: the same reward
+model recipe on only the first `overopt_pairs` comparisons (Gao et al.: the fewer comparisons, the sooner the proxy
+is over-optimised). Measured: with the full RM, β = 0 finds the same gold plateau as β = 0.05 at a higher KL (gold
+1.97 vs 1.90) and never turns down in 120 steps; against the 500-comparison proxy the gold rises, then falls while the
+proxy keeps rising. Every setting of a stage is a key <prefix>_<key> as in `tether pipeline` (rm_small shares the rm_*
+keys, ppo_nokl the ppo_* keys; its steps are nokl_max_steps). The defaults below are what fits
 the 10-minute budget on two CPU cores; the module-level DEMO_DEFAULTS says which and why.
 """
 
@@ -32,6 +36,7 @@ log = logging.getLogger(__name__)
 DEMO_STAGES: dict[str, Stage] = {**STAGES}
 if importlib.util.find_spec("tether.recipes.dpo") is not None:
     DEMO_STAGES["dpo"] = Stage("dpo", "tether.recipes.dpo", "DPOConfig")
+DEMO_STAGES["rm_small"] = Stage("rm", "tether.recipes.reward", "RewardConfig")
 DEMO_STAGES["ppo_nokl"] = Stage("ppo", "tether.recipes.ppo", "PPOConfig")
 
 # Demo defaults (measured on two CPU cores, see the PPO recipe's docstring for the PPO choices).
@@ -71,6 +76,7 @@ class DemoBase(PipelineBase):
     stages: str = opt("", "stages to run in order (default: sft,rm,ppo; add dpo or ppo_nokl by name)")
     overopt: bool = opt(False, "also run ppo_nokl: PPO with β = 0, to show over-optimisation")
     nokl_max_steps: int = opt(120, "PPO steps of the β = 0 run")
+    overopt_pairs: int = opt(500, "comparisons the β = 0 run's weak proxy reward model (rm_small) is trained on")
     n_sft: int = opt(2000, "demonstrations written for SFT")
     n_pairs: int = opt(2000, "comparisons labelled by the simulated raters for the reward model (and DPO)")
     n_test_pairs: int = opt(1000, "held-out comparisons on the test prompts: the reward model's evaluation set")
@@ -108,15 +114,30 @@ def prepare(cfg) -> Path:
     for key, value in fill.items():
         if hasattr(cfg, key) and not getattr(cfg, key):
             setattr(cfg, key, str(value))
+    small = data / "prefs_small.jsonl"
+    if not small.exists():  # the first overopt_pairs comparisons: the weak proxy's training data
+        lines = (data / "prefs.jsonl").read_text().splitlines(keepends=True)
+        small.write_text("".join(lines[: cfg.overopt_pairs]))
     return data
+
+
+def stage_overrides(cfg, name: str) -> dict | None:
+    """The two demo-only stages are the rm/ppo recipes with a few settings changed."""
+    if name == "rm_small":
+        return {"data": str(Path(cfg.out) / "data" / "prefs_small.jsonl")}
+    if name == "ppo_nokl":
+        return {"kl_coef": 0.0, "max_steps": cfg.nokl_max_steps, "reward": f"rm:{Path(cfg.out) / 'rm_small'}"}
+    return None
 
 
 def run(cfg) -> dict:
     prepare(cfg)
     summaries = {}
-    for name in cfg.stage_list():
-        overrides = {"kl_coef": 0.0, "max_steps": cfg.nokl_max_steps} if name == "ppo_nokl" else None
-        summaries[name] = run_stage(cfg, name, overrides)
+    names = cfg.stage_list()
+    if "ppo_nokl" in names and "rm_small" not in names:  # the β = 0 run needs its proxy
+        names.insert(names.index("ppo_nokl"), "rm_small")
+    for name in names:
+        summaries[name] = run_stage(cfg, name, stage_overrides(cfg, name))
     out = {f"{name}/{k}": v for name, s in summaries.items() for k, v in s.items()}
     if cfg.report:
         from tether.report import text_summary, write_report

@@ -15,7 +15,9 @@ One step (REFERENCE.md "Group / critic-free policy gradients"):
 The old log-probs are the sampling-time log-probs (tempered, unfiltered: exactly what a recompute gives, see
 generation.py), so no extra forward is spent on them. Losses are divided by counts over the whole step, so
 micro-batch size does not change the update.
-Default departures from DeepSeekMath, for a tiny model on two CPU cores: G = 8 (paper 64), lr 2e-5, 1 epoch.
+Default departures from DeepSeekMath, for a tiny model on two CPU cores: G = 8 (paper 64), 1 epoch, lr 1e-4 for 150
+steps (measured on `arithmetic`: greedy exact match 0.475 -> 0.84 by step 200 at 1e-4; 2e-5 for 60 steps: 0.58;
+3e-4: 0.67, too hot).
 """
 
 from __future__ import annotations
@@ -71,9 +73,9 @@ class GRPOConfig(TrainConfig):
     n_train_prompts: int = opt(4000, "task prompts in the training pool")
     n_eval_prompts: int = opt(200, "held-out prompts for accuracy_start / accuracy_end")
     eval_every: int = opt(0, "held-out greedy accuracy every N steps (0 = start and end only)")
-    lr: float = opt(2e-5, "peak learning rate (AdamW)")
+    lr: float = opt(1e-4, "peak learning rate (AdamW)")
     lr_schedule: str = opt("constant", "learning-rate schedule after warmup")
-    max_steps: int = opt(60, "optimizer steps")
+    max_steps: int = opt(150, "optimizer steps")
     batch_size: int = opt(64, "rows per forward/backward micro-batch")
 
     def validate(self) -> None:
