@@ -114,17 +114,17 @@ def prepare(cfg) -> Path:
     for key, value in fill.items():
         if hasattr(cfg, key) and not getattr(cfg, key):
             setattr(cfg, key, str(value))
-    small = data / "prefs_small.jsonl"
-    if not small.exists():  # the first overopt_pairs comparisons: the weak proxy's training data
-        lines = (data / "prefs.jsonl").read_text().splitlines(keepends=True)
-        small.write_text("".join(lines[: cfg.overopt_pairs]))
     return data
 
 
 def stage_overrides(cfg, name: str) -> dict | None:
     """The two demo-only stages are the rm/ppo recipes with a few settings changed."""
-    if name == "rm_small":
-        return {"data": str(Path(cfg.out) / "data" / "prefs_small.jsonl")}
+    if name == "rm_small":  # trained on the first overopt_pairs comparisons only
+        small = Path(cfg.out) / "data" / "prefs_small.jsonl"
+        if not small.exists():
+            lines = Path(cfg.rm_data).read_text().splitlines(keepends=True)
+            small.write_text("".join(lines[: cfg.overopt_pairs]))
+        return {"data": str(small)}
     if name == "ppo_nokl":
         return {"kl_coef": 0.0, "max_steps": cfg.nokl_max_steps, "reward": f"rm:{Path(cfg.out) / 'rm_small'}"}
     return None
