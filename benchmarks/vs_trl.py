@@ -356,7 +356,7 @@ def report(found: dict, s: Settings) -> str:
             f"- model: Qwen2-shaped, {n_params / 1e6:.2f}M parameters, random init, fp32\n"
             f"- settings: {json.dumps(settings)}\n"
             f"- tokens/s: median step time after {s.warmup} warm-up steps, median over {s.repeats} runs "
-            "(other processes shared the machine; the per-run figures show the spread)\n\n"
+            f"(load average at the end {os.getloadavg()[0]:.1f}; the per-run figures show the spread)\n\n"
             f"{table(found, s)}\n")
 
 
