@@ -7,15 +7,8 @@ import pytest
 import torch
 
 from tether.generation import BACKENDS, decode_responses, filter_logits, sample, sequence_logprobs
-from tether.testing import tiny_causal_lm, tiny_tokenizer
 
 EOS, PAD = 1, 0
-
-
-@pytest.fixture(scope="module")
-def lm():
-    tok = tiny_tokenizer()
-    return tok, tiny_causal_lm(tok, seed=1, hidden=64).eval()
 
 
 def prompts(tok):

@@ -10,21 +10,9 @@ import math
 import pytest
 import torch
 
+from tests.test_generation import EOS, PAD, prompts  # the `lm` fixture is in conftest.py
 from tether import generation_graph as G
 from tether.generation import sample, sequence_logprobs
-from tether.testing import tiny_causal_lm, tiny_tokenizer
-
-EOS, PAD = 1, 0
-
-
-@pytest.fixture(scope="module")
-def lm():
-    tok = tiny_tokenizer()
-    return tok, tiny_causal_lm(tok, seed=1, hidden=64).eval()
-
-
-def prompts(tok):
-    return [tok("the film was").input_ids, tok("i loved this book and").input_ids, tok("it").input_ids]
 
 
 def chi_square_ok(counts: torch.Tensor, probs: torch.Tensor) -> tuple[bool, float, int]:

@@ -143,6 +143,18 @@ def disabled_adapters(model):
         yield model
 
 
+class AdaptersOff(torch.nn.Module):
+    """A module whose forward runs `model` with its LoRA adapters disabled: the shared reference as a model."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args, **kwargs):
+        with disabled_adapters(self.model):
+            return self.model(*args, **kwargs)
+
+
 def save_pretrained(model, path: str | Path, tokenizer=None, merge_lora: bool = True) -> Path:
     """Save a normal HF directory (safetensors); LoRA is merged into a copy unless merge_lora=False."""
     path = Path(path)

@@ -32,8 +32,8 @@ from tether.config import ConfigError, opt
 from tether.engine import Engine, TrainConfig, steps_for
 from tether.losses import PREFERENCE_LOSSES, logprobs_from_logits
 from tether.models import (
+    AdaptersOff,
     LoraSettings,
-    disabled_adapters,
     frozen_copy,
     has_adapters,
     load_causal_lm,
@@ -163,7 +163,7 @@ def held_out(cfg, model, ref_model, tokenizer, task, records) -> dict:
 
 def eval_reference(model):
     """The reference for held-out KL: a frozen copy of the starting policy, or with LoRA its base (adapters off)."""
-    return _AdaptersOff(model) if has_adapters(model) else frozen_copy(model)
+    return AdaptersOff(model) if has_adapters(model) else frozen_copy(model)
 
 
 def append_eval(engine, step: int, result: dict) -> None:
@@ -253,15 +253,3 @@ def held_out_records(cfg: DPOConfig, task) -> list[dict]:
     if cfg.eval_prompts:
         return list(D.load_records(cfg.eval_prompts, "prompts"))[: cfg.n_eval_prompts]
     return task.prompts("test", cfg.n_eval_prompts, seed=cfg.seed)
-
-
-class _AdaptersOff(torch.nn.Module):
-    """The LoRA policy's base weights (adapters disabled) as a reference model for evaluation."""
-
-    def __init__(self, policy):
-        super().__init__()
-        self.policy = policy
-
-    def forward(self, **kwargs):
-        with disabled_adapters(self.policy):
-            return self.policy(**kwargs)

@@ -61,6 +61,7 @@ from tether.losses import (
 )
 from tether.metrics import distinct_n, explained_variance, repetition_rate
 from tether.models import (
+    AdaptersOff,
     LoraSettings,
     disabled_adapters,
     frozen_copy,
@@ -248,18 +249,6 @@ class ReferencePolicy:
 
         with disabled_adapters(self.model) if self.shared else nullcontext():
             return sequence_logprobs(self.model, sequences, attention_mask, prompt_len, temperature=temperature)
-
-
-class AdaptersOff(torch.nn.Module):
-    """A model whose forward runs `model` with LoRA adapters disabled: the shared reference as a module."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, *args, **kwargs):
-        with disabled_adapters(self.model):
-            return self.model(*args, **kwargs)
 
 
 # --- rollout ------------------------------------------------------------------------------------------------------------
