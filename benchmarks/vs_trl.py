@@ -3,23 +3,32 @@
     python benchmarks/vs_trl.py                     # all four stages, 3 runs each, appends the table to RESULTS.md
     python benchmarks/vs_trl.py --stages dpo,grpo --repeats 5 --no-append
     python benchmarks/vs_trl.py --smoke --no-append # seconds: tiny model, 3 steps (tests/test_bench.py runs this)
+    python benchmarks/vs_trl.py --lengths fixed     # every row the same length: no padding in either library
 
 TRL is a benchmark-only extra (`pip install -e ".[bench]"`, or `make bench`), never a tether dependency.
 
 What is identical: the model (Qwen2-shaped, random init, fp32, same weights), the tokenizer (word level: one word is
-one token, so both libraries get the same ids), the data (fixed lengths: prompt P words, completion C-1 words + EOS,
-so there is no padding in either), the batch, the steps, AdamW with the same lr and linear schedule, gradient clipping
+one token, so both libraries get the same ids), the data (the same rows in both), the batch, the steps, AdamW with the same lr and linear schedule, gradient clipping
 at 1.0, no gradient checkpointing, no mixed precision, one process. GRPO: the same prompts, G completions each of
 exactly C new tokens (the EOS of the GRPO tokenizer is an id outside the model's vocabulary, so no row can stop early
 in either library), temperature 1, no top-k/top-p, β = 0 (TRL's default; no reference model in either), one update
 per generation, the same reward function.
 
+The data comes in two shapes (`--lengths`). "variable" (the default, as real data is): prompts of P/4..P words and
+completions of C/8..C-1 words + EOS, drawn uniformly, so each library pads or packs as it does by default — TRL pads
+every batch to its longest row, tether bin-packs the rows of a batch into fewer rows of the same width
+(`padding_free`, packing.py). "fixed": prompt P words, completion C-1 words + EOS, so there is no padding in either
+and both run the same kernels on the same shapes. GRPO always generates exactly C new tokens (the issue's fixed
+completion length).
+
 How it is timed: each library runs its normal training loop; a hook stamps the wall clock at the end of every
 optimizer step (TRL: a TrainerCallback.on_step_end; tether: a wrapper around Engine.optimizer_step). A step's time is
 the gap between consecutive stamps, so it covers the whole loop body: data, forward, backward, optimizer, logging.
-tokens/s = tokens per step / the median step time after `warmup` steps; the figure is the median over `repeats`
-runs (tether and TRL alternate). Tokens are counted the same way for both: every token of every row fed to the
-trained model in a step (SFT B·(P+C), RM and DPO 2·B·(P+C), GRPO prompts·G·(P+C)). tether's DPO computes the
+tokens/s = tokens per step / the step time after `warmup` steps (the median step with fixed lengths, the mean with
+variable ones, whose steps differ in size); the figure is the median over `repeats` runs (tether and TRL alternate).
+Tokens are counted the same way for both: every real (non-pad) token of every row fed to the trained model, as a
+mean per step over the epoch (SFT B·(P+C), RM and DPO 2·B·(P+C), GRPO prompts·G·(P+C) with fixed lengths); pad
+tokens a library computes are its own cost. tether's DPO computes the
 reference log-probs once before the first step (its design); that time is spread over the run's steps and added to
 each, so it is paid for. TRL's DPO runs the reference model in every step (its default, precompute_ref_log_probs=False).
 
@@ -74,6 +83,7 @@ class Settings:
     repeats: int = 3
     threads: int = field(default_factory=lambda: torch.get_num_threads())
     lr: float = 1e-5
+    lengths: str = "variable"  # variable | fixed (SFT, RM, DPO rows; GRPO always generates completion_len tokens)
 
 
 SMOKE = {"hidden": 32, "layers": 1, "heads": 2, "intermediate": 64, "vocab": 64, "batch": 2, "prompt_len": 4,
@@ -137,18 +147,32 @@ def build_assets(root: Path, s: Settings) -> Assets:
     word_tokenizer(s.vocab, eos="<stop>").save_pretrained(grpo_dir)
     n = s.batch * s.steps
     c = s.completion_len - 1  # + EOS
-    demos = [{"prompt": words(rng, s.prompt_len, s.vocab), "completion": " " + words(rng, c, s.vocab)}
-             for _ in range(n)]
-    pairs = [{"prompt": words(rng, s.prompt_len, s.vocab), "chosen": " " + words(rng, c, s.vocab),
-              "rejected": " " + words(rng, c, s.vocab)} for _ in range(n)]
+    fixed = s.lengths == "fixed"
+
+    def prompt() -> str:
+        return words(rng, s.prompt_len if fixed else rng.randint(max(1, s.prompt_len // 4), s.prompt_len), s.vocab)
+
+    def completion() -> str:
+        return " " + words(rng, c if fixed else rng.randint(max(1, s.completion_len // 8), c), s.vocab)
+
+    demos = [{"prompt": prompt(), "completion": completion()} for _ in range(n)]
+    pairs = [{"prompt": prompt(), "chosen": completion(), "rejected": completion()} for _ in range(n)]
     prompts = [{"prompt": words(rng, s.prompt_len, s.vocab), "answer": "0"} for _ in range(s.grpo_prompts * s.grpo_steps)]
     return Assets(root, model_dir, grpo_dir, demos, pairs, prompts)
 
 
-def tokens_per_step(stage: str, s: Settings) -> int:
-    row = s.prompt_len + s.completion_len
-    return {"sft": s.batch * row, "reward": 2 * s.batch * row, "dpo": 2 * s.batch * row,
-            "grpo": s.grpo_prompts * s.group_size * row}[stage]
+def tokens_per_step(stage: str, s: Settings, a: Assets | None = None) -> float:
+    """Real tokens fed to the trained model per step, the mean over the epoch (each word is one token, + EOS)."""
+    if stage == "grpo" or a is None or s.lengths == "fixed":
+        row = s.prompt_len + s.completion_len
+        return {"sft": s.batch * row, "reward": 2 * s.batch * row, "dpo": 2 * s.batch * row,
+                "grpo": s.grpo_prompts * s.group_size * row}[stage]
+    n = lambda text: len(text.split())  # noqa: E731
+    if stage == "sft":
+        total = sum(n(d["prompt"]) + n(d["completion"]) + 1 for d in a.demos)
+    else:
+        total = sum(2 * n(p["prompt"]) + n(p["chosen"]) + n(p["rejected"]) + 2 for p in a.pairs)
+    return total / s.steps
 
 
 # --- timing -----------------------------------------------------------------------------------------------------------
@@ -162,11 +186,11 @@ class StepClock:
     def tick(self) -> None:
         self.stamps.append(time.perf_counter())
 
-    def step_seconds(self, warmup: int) -> float:
+    def step_seconds(self, warmup: int, mean: bool = False) -> float:
         gaps = [b - a for a, b in zip(self.stamps, self.stamps[1:])][max(0, warmup - 1):]
         if not gaps:
             raise RuntimeError(f"only {len(self.stamps)} steps were stamped; need more than warmup={warmup}")
-        return statistics.median(gaps) + self.extra
+        return (statistics.mean(gaps) if mean else statistics.median(gaps)) + self.extra
 
 
 @contextlib.contextmanager
@@ -299,7 +323,8 @@ def measure(stages, s: Settings, root: Path, libs=("tether", "trl"), log=print) 
                 AcceleratorState._reset_state(reset_partial_state=True)  # one process, several precisions
                 clock = RUNNERS[lib](stage, assets, s, root / f"{stage}-{lib}-{r}")
                 warmup = min(s.warmup, len(clock.stamps) - 2)
-                value = tokens_per_step(stage, s) / clock.step_seconds(warmup)
+                variable = s.lengths == "variable" and stage != "grpo"
+                value = tokens_per_step(stage, s, assets) / clock.step_seconds(warmup, mean=variable)
                 found[stage][lib].append(value)
                 log(f"  {stage:<7} {lib:<7} run {r + 1}/{s.repeats}: {value:,.0f} tokens/s")
     return found
@@ -354,6 +379,9 @@ def report(found: dict, s: Settings) -> str:
     return (f"\n## CPU side by side, {dt.date.today().isoformat()} (benchmarks/vs_trl.py)\n\n"
             f"- machine: {machine()}; torch threads {s.threads}\n- versions: {versions()}\n"
             f"- model: Qwen2-shaped, {n_params / 1e6:.2f}M parameters, random init, fp32\n"
+            f"- data: {s.lengths} lengths (" + ("the same in every row" if s.lengths == "fixed" else
+            f"prompts {max(1, s.prompt_len // 4)}-{s.prompt_len} tokens, completions {max(1, s.completion_len // 8) + 1}-"
+            f"{s.completion_len} with the EOS; GRPO generates {s.completion_len}") + ")\n"
             f"- settings: {json.dumps(settings)}\n"
             f"- tokens/s: median step time after {s.warmup} warm-up steps, median over {s.repeats} runs "
             f"(load average at the end {os.getloadavg()[0]:.1f}; the per-run figures show the spread)\n\n"
@@ -367,6 +395,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per SFT/RM/DPO run")
     p.add_argument("--grpo-steps", type=int, default=None, help="optimizer steps per GRPO run")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    p.add_argument("--lengths", choices=("variable", "fixed"), default=None,
+                   help="row lengths of the SFT/RM/DPO data (default variable)")
     p.add_argument("--trl-defaults", action=argparse.BooleanOptionalAction, default=True,
                    help="also time TRL with its own defaults (gradient checkpointing, bf16 autocast)")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, a few seconds: checks the script runs")
@@ -384,7 +414,7 @@ def main(argv=None) -> int:
         print(f"vs_trl: unknown stage {unknown[0]!r}; choose from {', '.join(STAGES)}", file=sys.stderr)
         return 2
     s = Settings(**(SMOKE if args.smoke else {}))
-    for key in ("repeats", "steps", "grpo_steps", "threads"):
+    for key in ("repeats", "steps", "grpo_steps", "threads", "lengths"):
         if getattr(args, key) is not None:
             setattr(s, key, getattr(args, key))
     torch.set_num_threads(s.threads)

@@ -187,7 +187,8 @@ def _hf_model(model):
     return model.get_base_model() if has_adapters(model) else model
 
 
-def reward_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, normalize: bool = True):
+def reward_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, normalize: bool = True,
+                  padding_free: bool = True):
     """(B,) scalar rewards read at the last real token; with `normalize`, the stored gain/bias are applied.
 
     A reward model's config may carry `reward_gain` and `reward_bias` (set after training so that reference
@@ -195,17 +196,25 @@ def reward_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
     so every consumer sees the same scale. The per-position head output is captured with a hook and gathered at
     `last_token_index`, so padding on either side and a pad id equal to the EOS id are both handled (the model's own
     pooling looks for the rightmost non-pad id, which is wrong when pad == EOS), and DDP/peft wrappers still see a
-    normal forward.
+    normal forward. With `padding_free`, rows are bin-packed when that saves rows (packing.py): same scores.
     """
+    from tether import packing
+
     captured: dict[str, torch.Tensor] = {}
     hf = _hf_model(model)
     hook = hf.score.register_forward_hook(lambda _m, _i, out: captured.update(logits=out))  # (B, T, 1)
+    p = packing.plan(attention_mask, packing.attention_ratio(hf.config)) if padding_free else None
     try:
-        model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask))
+        if p is None:
+            model(input_ids=input_ids, attention_mask=attention_mask,
+                  position_ids=position_ids_from_mask(attention_mask))
+        else:
+            model(input_ids=packing.pack(input_ids, p), position_ids=p.position_ids, use_cache=False)
     finally:
         hook.remove()
+    per_token = captured["logits"] if p is None else packing.unpack(captured["logits"], p)  # (B, T, 1)
     rows = torch.arange(len(input_ids), device=input_ids.device)
-    scores = captured["logits"][rows, last_token_index(attention_mask), 0].float()
+    scores = per_token[rows, last_token_index(attention_mask), 0].float()
     if normalize:
         scores = (scores - getattr(hf.config, "reward_bias", 0.0)) * getattr(hf.config, "reward_gain", 1.0)
     return scores

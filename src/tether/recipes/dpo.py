@@ -30,7 +30,8 @@ import torch
 from tether import data as D
 from tether.config import ConfigError, opt
 from tether.engine import Engine, TrainConfig, steps_for
-from tether.losses import PREFERENCE_LOSSES, logprobs_from_logits
+from tether.packing import token_logprobs
+from tether.losses import PREFERENCE_LOSSES
 from tether.models import (
     AdaptersOff,
     LoraSettings,
@@ -110,11 +111,10 @@ def collate(examples: list, pad_id: int, paired: bool) -> dict:
     return batch
 
 
-def sequence_logps(model, batch: dict, average: bool) -> torch.Tensor:
-    """(rows,) summed (or per-token mean) log-probs of the completion tokens, one forward for all rows."""
-    ids, mask = batch["input_ids"], batch["attention_mask"]
-    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1]
-    token = logprobs_from_logits(logits, ids[:, 1:])  # (rows, T-1)
+def sequence_logps(model, batch: dict, average: bool, padding_free: bool = True) -> torch.Tensor:
+    """(rows,) summed (or per-token mean) log-probs of the completion tokens, one forward for all rows (bin-packed
+    into fewer rows when that saves some: packing.py)."""
+    token = token_logprobs(model, batch["input_ids"], batch["attention_mask"], padding_free=padding_free)  # (rows, T-1)
     resp = batch["response_mask"][:, 1:].to(token.dtype)
     total = (token * resp).sum(-1)
     return total / resp.sum(-1).clamp(min=1) if average else total
@@ -143,7 +143,7 @@ def reference_logps(engine, model, examples, cfg, spec, pad_id, path=None) -> to
     for i in range(0, len(examples), cfg.batch_size):
         chunk = examples[i : i + cfg.batch_size]
         batch = {k: v.to(engine.device) for k, v in collate(chunk, pad_id, spec.paired).items()}
-        rows = sequence_logps(model, batch, spec.logp_average).cpu()
+        rows = sequence_logps(model, batch, spec.logp_average, cfg.padding_free).cpu()
         half = len(rows) // 2
         out.append(torch.stack([rows[:half], rows[half:]], 1))  # (b, 2): chosen/matched, rejected/mismatched
     model.train()
@@ -180,7 +180,7 @@ def train_step(engine, model, examples, ref, spec, cfg, pad, step: int, data_ste
     sums: dict[str, float] = {}
     for j, idx in enumerate(micro):
         batch = {k: v.to(engine.device) for k, v in collate([examples[i] for i in idx], pad, spec.paired).items()}
-        logps = sequence_logps(model, batch, spec.logp_average)
+        logps = sequence_logps(model, batch, spec.logp_average, cfg.padding_free)
         ref_rows = torch.cat([ref[idx, 0], ref[idx, 1]]).to(engine.device) if ref is not None else None
         loss, parts = loss_for(spec, cfg, logps, ref_rows, batch.get("label"))
         share = len(idx) / n_global  # mean over the micro-batch -> its share of the global mean

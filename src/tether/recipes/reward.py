@@ -96,18 +96,22 @@ class RewardConfig(TrainConfig):
 
 
 # --- the loss of one micro-batch, by data kind ------------------------------------------------------------------------
-def pairs_loss(model, batch: dict, denominator: float, label_smoothing: float = 0.0, use_margin: bool = True):
+def pairs_loss(model, batch: dict, denominator: float, label_smoothing: float = 0.0, use_margin: bool = True,
+               padding_free: bool = True):
     """Bradley-Terry over a collate_pairs batch: ONE forward of 2B rows, Σ_b w_b·ℓ_b / denominator."""
-    scores = reward_scores(model, batch["input_ids"], batch["attention_mask"], normalize=False)  # (2B,)
+    scores = reward_scores(model, batch["input_ids"], batch["attention_mask"], normalize=False,
+                           padding_free=padding_free)  # (2B,)
     chosen, rejected = scores.chunk(2)  # rows 0..B-1 chosen, B..2B-1 rejected
     margin = batch["margin"] if use_margin else None
     loss, metrics = bradley_terry_loss(chosen, rejected, margin, label_smoothing, batch["weight"])
     return loss * batch["weight"].sum() / denominator, metrics  # weighted mean -> weighted sum / global weight
 
 
-def rankings_loss(model, batch: dict, denominator: float, label_smoothing: float = 0.0, use_margin: bool = True):
+def rankings_loss(model, batch: dict, denominator: float, label_smoothing: float = 0.0, use_margin: bool = True,
+                  padding_free: bool = True):
     """InstructGPT ranking loss over a collate_rankings batch: K forward rows per prompt, Σ_prompts ℓ / denominator."""
-    scores = reward_scores(model, batch["input_ids"], batch["attention_mask"], normalize=False)  # (N,)
+    scores = reward_scores(model, batch["input_ids"], batch["attention_mask"], normalize=False,
+                           padding_free=padding_free)  # (N,)
     group, rank = batch["group"], batch["rank"]
     B, K = int(group.max()) + 1, int(rank.max()) + 1
     ordered = scores.new_zeros(B, K).index_put((group, rank), scores)  # (B, K) [b, r] = score of the r-th best
@@ -190,7 +194,7 @@ def train_one(cfg: RewardConfig, tokenizer, train: Comparisons, held: Comparison
         step_loss, step_acc = 0.0, 0.0
         for j, examples in enumerate(micro):
             batch = {k: v.to(engine.device) for k, v in collate(examples, pad).items()}
-            loss, metrics = loss_fn(model, batch, denominator, cfg.label_smoothing, cfg.use_margin)
+            loss, metrics = loss_fn(model, batch, denominator, cfg.label_smoothing, cfg.use_margin, cfg.padding_free)
             engine.backward(loss, step, last_micro=j == len(micro) - 1)
             step_loss += loss.item()
             step_acc += metrics["accuracy"].item() / len(micro)

@@ -19,6 +19,7 @@ from tether.config import ConfigError, opt
 from tether.engine import Engine, TrainConfig, steps_for
 from tether.losses import sft_loss
 from tether.models import LoraSettings, load_causal_lm, load_tokenizer
+from tether.packing import token_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +70,11 @@ def split_train_eval(cfg: SFTConfig, tokenizer) -> tuple[list, list, dict]:
     return train, held, stats.as_dict()
 
 
-def forward_nll(model, batch: dict, num_tokens: float) -> torch.Tensor:
-    """Summed next-token NLL over completion tokens / num_tokens."""
+def forward_nll(model, batch: dict, num_tokens: float, padding_free: bool = False) -> torch.Tensor:
+    """Summed next-token NLL over completion tokens / num_tokens; `padding_free` bin-packs the rows (packing.py)."""
+    if padding_free and "position_ids" not in batch:  # rows packed by pack_examples are already padding-free
+        logprobs = token_logprobs(model, batch["input_ids"], batch["attention_mask"])  # (B, T-1)
+        return -(logprobs * (batch["labels"][:, 1:] != D.IGNORE_INDEX)).sum() / num_tokens
     logits = model(**D.model_inputs(batch)).logits[:, :-1]  # (B, T-1, V) predicts tokens 1..T-1
     loss, _ = sft_loss(logits, batch["labels"][:, 1:], num_tokens=num_tokens)
     return loss
@@ -110,7 +114,7 @@ def run(cfg: SFTConfig) -> dict:
         n_tokens = engine.all_sum(sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches))
         step_loss = 0.0
         for j, batch in enumerate(batches):
-            loss = forward_nll(model, batch, num_tokens=n_tokens)
+            loss = forward_nll(model, batch, num_tokens=n_tokens, padding_free=cfg.padding_free)
             engine.backward(loss, step, last_micro=j == len(batches) - 1)
             step_loss += loss.item()
             engine.count_tokens(int(batch["attention_mask"].sum()))

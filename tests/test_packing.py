@@ -1,0 +1,94 @@
+"""Padding-free forwards (packing.py): the packed forward gives the padded forward's numbers."""
+
+import pytest
+import torch
+
+from tether import packing as P
+from tether.data import pad_sequences
+from tether.models import load_reward_model, reward_scores
+from tether.testing import save_tiny, tiny_causal_lm, tiny_tokenizer
+
+
+def test_first_fit_decreasing_places_longest_first():
+    # width 10: 7 opens row 0 (offset 0), 6 opens row 1, 3 fits after the 7, 4 after the 6, 2 needs row 2
+    assert P.first_fit_decreasing([3, 7, 2, 6, 4], 10) == [(0, 7), (0, 0), (2, 0), (1, 0), (1, 6)]
+
+
+def right_padded(lengths, width=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    width = width or max(lengths)
+    rows = [torch.randint(3, 60, (n,), generator=g).tolist() for n in lengths]
+    ids = pad_sequences(rows, 0)
+    ids = torch.cat([ids, torch.zeros(len(rows), width - ids.shape[1], dtype=torch.long)], 1)
+    mask = pad_sequences([[1] * n for n in lengths], 0)
+    mask = torch.cat([mask, torch.zeros(len(rows), width - mask.shape[1], dtype=torch.long)], 1)
+    return ids, mask
+
+
+def test_plan_packs_rows_and_restarts_positions():
+    ids, mask = right_padded([6, 2, 3, 5])  # width 6: [6], [5], [3, 2] -> 3 rows
+    # κ = 6: the cost rows·(W + W²/κ) is 3·(6 + 6) = 36 at W = 6, against 4·12 = 48 padded, 2·(9 + 13.5) = 45 for
+    # two rows of 9 and 17 + 48 = 65 for one row of 17
+    p = P.plan(mask, kappa=6.0)
+    assert (p.rows, p.width) == (3, 6)
+    assert (P.plan(mask).rows, P.plan(mask).width) == (1, 17)  # κ = inf: attention is free, one row of 16 (+4%)
+    packed = P.pack(ids, p)
+    assert sorted(packed[packed != 0].tolist()) == sorted(ids[mask.bool()].tolist())
+    assert p.position_ids.tolist() == [[0, 1, 2, 3, 4, 5], [0, 1, 2, 3, 4, 0], [0, 1, 2, 0, 1, 0]]
+    assert torch.equal(P.unpack(packed[..., None].float(), p)[..., 0], (ids * mask).float())
+
+
+def test_plan_is_none_when_nothing_is_saved_or_rows_have_holes():
+    assert P.plan(torch.ones(4, 5, dtype=torch.long)) is None  # fixed lengths: the padded forward runs
+    two = torch.tensor([[1, 1, 0], [1, 1, 0]])
+    assert P.plan(two, kappa=2.0) is None  # one row of 5: 5 + 25/2 = 17.5 > 0.95 · 2 · (3 + 9/2) = 14.25
+    assert P.plan(two).width == 5  # κ = inf: the row of 5 costs 5 < 0.95 · 6
+    assert P.plan(torch.tensor([[1, 0, 1], [1, 0, 0], [1, 0, 0]])) is None  # a hole: not a padded batch
+
+
+def test_left_and_right_padding_together():
+    mask = torch.tensor([[0, 0, 1, 1, 1, 0], [0, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1], [0, 0, 0, 1, 0, 0]])
+    p = P.plan(mask)
+    assert p.rows == 2  # [6], [3, 2, 1]
+    ids = torch.arange(1, 25).view(4, 6) * mask
+    assert torch.equal(P.unpack(P.pack(ids, p), p), ids)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    tok = tiny_tokenizer()
+    return tiny_causal_lm(tok, seed=3, hidden=32).train()
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_logprobs_and_gradients_equal_the_padded_forward(tiny, attn):
+    tiny.config._attn_implementation = attn
+    ids, mask = right_padded([9, 3, 4, 8, 2, 5], seed=1)
+    # left padding too: shift row 1 right by 2 (its prompt would be left-padded in a rollout)
+    ids[1] = torch.roll(ids[1], 2)
+    mask[1] = torch.roll(mask[1], 2)
+    real = (mask[:, 1:] * mask[:, :-1]).float()  # predicted tokens with a real token before them
+
+    def run(padding_free):
+        tiny.zero_grad()
+        lp = P.token_logprobs(tiny, ids, mask, padding_free=padding_free)
+        (lp * real).sum().backward()
+        return lp * real, [q.grad.clone() for q in tiny.parameters()]
+
+    assert P.plan(mask).rows < len(ids)
+    lp_packed, g_packed = run(True)
+    lp_padded, g_padded = run(False)
+    tiny.config._attn_implementation = "sdpa"
+    torch.testing.assert_close(lp_packed, lp_padded, atol=1e-5, rtol=1e-5)
+    for a, b in zip(g_packed, g_padded):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_packed_reward_scores_equal_the_padded_forward(tmp_path):
+    path = save_tiny(tmp_path / "rm", seed=2)
+    model = load_reward_model(path).eval()
+    ids, mask = right_padded([7, 2, 3, 6, 4, 1], seed=4)
+    with torch.no_grad():
+        packed = reward_scores(model, ids, mask, padding_free=True)
+        padded = reward_scores(model, ids, mask, padding_free=False)
+    torch.testing.assert_close(packed, padded, atol=1e-5, rtol=1e-5)
