@@ -5,7 +5,7 @@
     python benchmarks/gpu.py --append        # also append the table to benchmarks/RESULTS.md
 
 1. Generation: `tether.generation.sample` at batch 64, 128 prompt + 256 new tokens, no EOS stop (the EOS id lies
-   outside the vocabulary), temperature 1, for the backends "hf" (`model.generate`), "eager" and "graph" (CUDA-graph
+   outside the vocabulary), temperature 1, for the backends "hf" (`model.generate`), "eager", "lean" and "graph" (CUDA-graph
    decode step). New tokens/s = B·T / wall time of a whole call (prefill and graph capture included), median of
    `--repeats` calls after one warm-up call. Targets: "graph" >= 25,000 new tokens/s.
 2. GRPO end to end, tether vs TRL on identical work (benchmarks/vs_trl.py's runners and settings): 4 prompts × G = 8,
@@ -81,7 +81,7 @@ def generation(s: V.Settings, shape: tuple[int, int, int], device, dtype, repeat
     model = V.build_model(s).to(device=device, dtype=dtype).eval()
     prompts = torch.randint(3, s.vocab, (batch, prompt_len), device=device)
     found = {}
-    for backend in ("hf", "eager", "graph"):
+    for backend in ("hf", "eager", "lean", "graph"):
         times = []
         for r in range(repeats + 1):  # the first call warms up (kernels, allocator) and is not counted
             generator = torch.Generator(device=device).manual_seed(r)
@@ -104,7 +104,7 @@ def generation_backend(name: str):
     from tether import generation
 
     chosen = generation._auto_backend
-    generation._auto_backend = lambda model, device: name
+    generation._auto_backend = lambda *args: name
     try:
         yield
     finally:

@@ -122,11 +122,11 @@ def test_graph_sampling_is_seeded(lm):
     assert torch.equal(run(3), run(3)) and not torch.equal(run(3), run(4))
 
 
-def test_auto_is_eager_and_unknown_backend_is_refused(lm):
+def test_auto_is_lean_for_llama_and_unknown_backend_is_refused(lm):
     from tether.generation import _auto_backend
 
     tok, model = lm
-    assert _auto_backend(model, torch.device("cpu")) == "eager"
+    assert _auto_backend(model, torch.device("cpu"), 16) == "lean"
     with pytest.raises(ValueError, match="unknown generation backend 'fast'"):
         sample(model, prompts(tok), 2, eos_token_id=EOS, pad_token_id=PAD, backend="fast")
 

@@ -92,3 +92,34 @@ def test_packed_reward_scores_equal_the_padded_forward(tmp_path):
         packed = reward_scores(model, ids, mask, padding_free=True)
         padded = reward_scores(model, ids, mask, padding_free=False)
     torch.testing.assert_close(packed, padded, atol=1e-5, rtol=1e-5)
+
+
+def test_policy_and_value_outputs_equal_the_padded_forward(tmp_path):
+    """PPO's container (policy logits + value-head values) packed vs padded, on a rollout-shaped batch: left-padded
+    prompts, right-padded responses; equal at every real position, gradients included."""
+    from tether.recipes.ppo import PolicyAndValue
+
+    tok = tiny_tokenizer()
+    policy = tiny_causal_lm(tok, seed=6, hidden=32)
+    value = load_reward_model(save_tiny(tmp_path / "v", seed=7))
+    prompt_mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1], [0, 1, 1, 1], [0, 0, 0, 1], [0, 1, 1, 1]])
+    response_mask = torch.tensor([[1, 1, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1], [1, 1, 0, 0, 0, 0],
+                                  [1, 1, 1, 0, 0, 0]])
+    mask = torch.cat([prompt_mask, response_mask], 1)
+    ids = torch.randint(3, 60, mask.shape, generator=torch.Generator().manual_seed(0)) * mask
+    real = mask.bool()
+    assert P.plan(mask).rows < len(ids)
+
+    def run(padding_free):
+        model = PolicyAndValue(policy, value, padding_free)
+        model.zero_grad()
+        logits, values = model(ids, mask)
+        (logits[real].logsumexp(-1).sum() + values[real].sum()).backward()
+        return logits[real], values[real], [q.grad.clone() for q in model.parameters() if q.grad is not None]
+
+    packed, padded = run(True), run(False)
+    torch.testing.assert_close(packed[0], padded[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(packed[1], padded[1], atol=1e-5, rtol=1e-5)
+    assert len(packed[2]) == len(padded[2])
+    for a, b in zip(packed[2], padded[2]):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)

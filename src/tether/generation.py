@@ -11,7 +11,11 @@ for it on every step; RL sampling needs one thing — prefill once, then one tok
 per-step overhead dominates at the small batch shapes of RLHF on a CPU. The loop below does exactly that.
 
 Backends (`BACKENDS`, picked by name):
-- "eager": the loop with transformers' dynamic KV cache (the default).
+- "eager": the loop with transformers' dynamic KV cache (what "auto" picks for a model "lean" does not cover).
+- "lean": the same loop over the Llama-family decoder written out layer by layer with a preallocated cache
+  (generation_lean.py): the model's own submodules without the per-call machinery of its forward; "auto" picks it
+  for Llama, Qwen2, Qwen3 and Mistral models. Same token picking as "eager", so the same tokens for a seed wherever
+  the logits agree to rounding.
 - "static": the same loop over a preallocated `StaticCache` of length P+T, so every decode step has the same shapes —
   the form a CUDA graph (or `torch.compile(mode="reduce-overhead")`) can capture on a GPU. On a CPU it runs eagerly
   and is tested to give the same tokens as "eager".
@@ -22,8 +26,9 @@ Backends (`BACKENDS`, picked by name):
 - "hf": `model.generate`, kept as the reference the tests compare against.
 - "vllm": vLLM's engine when it is installed (optional, never required): the policy's weights are loaded into a
   colocated `vllm.LLM` before each call; log-probs come from one recomputation forward, as for "hf".
-"auto" is "eager" everywhere until "graph" has been measured on a GPU (benchmarks/gpu.py); a CUDA model that asks
-for "graph" falls back to "eager", with a warning, if the capture fails for that model.
+"auto" is "lean" where it applies and "eager" elsewhere, on a CPU and a GPU alike, until "graph" has been measured on
+a GPU (benchmarks/gpu.py); a CUDA model that asks for "graph" falls back to "eager", with a warning, if the capture
+fails for that model.
 
 Conventions: prompts are left-padded and get explicit `position_ids` (cumsum of the mask − 1), so a padded row gives
 exactly what it gives alone. `temperature == 0` is greedy. The returned `logprobs` are log-probs of the sampled tokens
@@ -41,7 +46,6 @@ from dataclasses import dataclass
 import torch
 
 from tether.data import pad_sequences
-from tether.losses import logprobs_from_logits
 from tether.models import position_ids_from_mask
 
 log = logging.getLogger(__name__)
@@ -177,6 +181,13 @@ def _sample_graph(model, ids, mask, max_new_tokens, eos_token_id, pad_token_id, 
                         generator)
 
 
+def _sample_lean(model, ids, mask, max_new_tokens, eos_token_id, pad_token_id, temperature, top_k, top_p, generator):
+    from tether.generation_lean import sample_lean
+
+    return sample_lean(model, ids, mask, max_new_tokens, eos_token_id, pad_token_id, temperature, top_k, top_p,
+                       generator)
+
+
 def _sample_vllm(model, ids, mask, max_new_tokens, eos_token_id, pad_token_id, temperature, top_k, top_p, generator):
     """vLLM (colocated, same GPU): weights synced from `model` each call; log-probs recomputed in one forward."""
     try:
@@ -207,14 +218,16 @@ def _sample_vllm(model, ids, mask, max_new_tokens, eos_token_id, pad_token_id, t
 
 
 _VLLM_ENGINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # one colocated vLLM engine per policy
-BACKENDS = {"eager": _sample_eager, "static": _sample_static, "graph": _sample_graph, "hf": _sample_hf,
-            "vllm": _sample_vllm}
+BACKENDS = {"eager": _sample_eager, "lean": _sample_lean, "static": _sample_static, "graph": _sample_graph,
+            "hf": _sample_hf, "vllm": _sample_vllm}
 _GRAPH_FAILED: weakref.WeakSet = weakref.WeakSet()  # models whose graph capture failed: they decode "eager"
 
 
-def _auto_backend(model, device: torch.device) -> str:
-    """The backend "auto" means for this model: "eager" (see the module docstring)."""
-    return "eager"
+def _auto_backend(model, device: torch.device, total_len: int = 0) -> str:
+    """The backend "auto" means for this model: "lean" where it applies, else "eager" (see the module docstring)."""
+    from tether.generation_lean import supported
+
+    return "lean" if supported(model, total_len) else "eager"
 
 
 def _response_mask(response: torch.Tensor, eos_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -239,7 +252,7 @@ def sample(model, prompts: Sequence[Sequence[int]] | torch.Tensor, max_new_token
         mask = pad_sequences([[1] * len(p) for p in prompts], 0, side="left").to(device)
     fallback = backend in ("auto", "graph")
     if backend == "auto":
-        backend = _auto_backend(model, device)
+        backend = _auto_backend(model, device, ids.shape[1] + max_new_tokens)
     if backend == "graph" and model in _GRAPH_FAILED:
         backend = "eager"
     if backend not in BACKENDS:
@@ -265,15 +278,16 @@ def sample(model, prompts: Sequence[Sequence[int]] | torch.Tensor, max_new_token
 
 
 def sequence_logprobs(model, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int,
-                      temperature: float = 1.0) -> torch.Tensor:
-    """(B, T) log-probs of the response tokens sequences[:, prompt_len:] under logits / T, in one forward.
+                      temperature: float = 1.0, padding_free: bool = True) -> torch.Tensor:
+    """(B, T) log-probs of the response tokens sequences[:, prompt_len:] under logits / T, in one forward (the rows
+    bin-packed when that saves some: packing.py).
 
-    Masked (padding) positions are returned as computed; multiply by the response mask.
+    Masked (padding) positions hold no meaningful value; multiply by the response mask.
     """
-    out = model(input_ids=sequences, attention_mask=attention_mask,
-                position_ids=position_ids_from_mask(attention_mask), use_cache=False)
-    logits = out.logits[:, prompt_len - 1 : -1]  # (B, T, V): position t predicts token t+1
-    return logprobs_from_logits(logits, sequences[:, prompt_len:], temperature=temperature)
+    from tether.packing import token_logprobs
+
+    lp = token_logprobs(model, sequences, attention_mask, temperature, padding_free)  # (B, P+T-1): of token t+1
+    return lp[:, prompt_len - 1 :]
 
 
 def decode_responses(tokenizer, rollout: Rollout) -> list[str]:

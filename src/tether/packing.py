@@ -158,3 +158,21 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     logits = model(input_ids=ids, position_ids=p.position_ids, use_cache=False).logits  # (R, W, V)
     lp = F.pad(logprobs_from_logits(logits[:, :-1], ids[:, 1:], temperature=temperature), (1, 0))  # lp of token t
     return unpack(lp, p, skip_first=True)[:, 1:]
+
+
+def padded_outputs(forward, input_ids: torch.Tensor, attention_mask: torch.Tensor, kappa: float = float("inf"),
+                   padding_free: bool = True):
+    """Call `forward(input_ids, attention_mask, position_ids)` -> a (rows, T, ...) tensor or a tuple of them, packed
+    when that saves rows, and return the outputs in the padded (N, T, ...) layout (0 at pads).
+
+    For outputs at a position that depend only on the tokens up to it in its own sequence (logits, values): packed,
+    each real position sees exactly what it sees in the padded batch. The packed call gets attention_mask None."""
+    from tether.models import position_ids_from_mask
+
+    p = plan(attention_mask, kappa) if padding_free else None
+    if p is None:
+        return forward(input_ids, attention_mask, position_ids_from_mask(attention_mask))
+    out = forward(pack(input_ids, p), None, p.position_ids)
+    if isinstance(out, tuple):
+        return tuple(unpack(o, p) for o in out)
+    return unpack(out, p)

@@ -30,7 +30,6 @@ import torch
 from tether import data as D
 from tether.config import ConfigError, opt
 from tether.engine import Engine, TrainConfig, steps_for
-from tether.packing import token_logprobs
 from tether.losses import PREFERENCE_LOSSES
 from tether.models import (
     AdaptersOff,
@@ -40,6 +39,7 @@ from tether.models import (
     load_causal_lm,
     load_tokenizer,
 )
+from tether.packing import token_logprobs
 
 log = logging.getLogger(__name__)
 

@@ -256,7 +256,7 @@ def run(cfg: GRPOConfig) -> dict:
             ref = None
             if cfg.beta > 0:
                 with disabled_adapters(policy) if reference is None else torch.no_grad():
-                    ref = sequence_logprobs(reference or policy, seq, attn, plen, cfg.temperature)
+                    ref = sequence_logprobs(reference or policy, seq, attn, plen, cfg.temperature, cfg.padding_free)
         if estimator.per_token:
             token_rewards = kl_penalized_rewards(scores.to(engine.device), torch.zeros_like(mask), mask, 0.0)
             adv = estimator.fn(token_rewards, mask)
@@ -270,7 +270,7 @@ def run(cfg: GRPOConfig) -> dict:
             chunks = list(range(0, n_rows, cfg.batch_size))
             for j, i in enumerate(chunks):
                 sl = slice(i, i + cfg.batch_size)
-                logprobs = sequence_logprobs(model, seq[sl], attn[sl], plen, cfg.temperature)
+                logprobs = sequence_logprobs(model, seq[sl], attn[sl], plen, cfg.temperature, cfg.padding_free)
                 loss, pg = ppo_policy_loss(logprobs, old[sl], adv[sl], mask[sl], cfg.clip_low, cfg.clip_high,
                                            cfg.aggregation, denominator)
                 if ref is not None:

@@ -45,6 +45,7 @@ from pathlib import Path
 import torch
 
 from tether import data as D
+from tether import packing
 from tether.advantages import gae, kl_penalized_rewards
 from tether.config import ConfigError, opt
 from tether.engine import Engine, TrainConfig, step_indices, steps_for
@@ -69,7 +70,6 @@ from tether.models import (
     load_causal_lm,
     load_reward_model,
     load_tokenizer,
-    position_ids_from_mask,
     token_values,
 )
 
@@ -157,15 +157,18 @@ class PolicyAndValue(torch.nn.Module):
     forward -> (logits (B, T, V), values (B, T)); position ids from the mask, so left-padded prompts start at 0.
     """
 
-    def __init__(self, policy: torch.nn.Module, value: torch.nn.Module):
+    def __init__(self, policy: torch.nn.Module, value: torch.nn.Module, padding_free: bool = True):
         super().__init__()
-        self.policy, self.value = policy, value
+        self.policy, self.value, self.padding_free = policy, value, padding_free
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
-        position_ids = position_ids_from_mask(attention_mask)
-        logits = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                             use_cache=False).logits
-        return logits, token_values(self.value, input_ids, attention_mask, position_ids)
+        """Rows bin-packed when that saves some (packing.py); outputs in the padded layout either way."""
+        def both(ids, mask, position_ids):
+            logits = self.policy(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False).logits
+            return logits, token_values(self.value, ids, mask, position_ids)
+
+        kappa = packing.attention_ratio(getattr(self.policy, "config", None))
+        return packing.padded_outputs(both, input_ids, attention_mask, kappa, self.padding_free)
 
     def gradient_checkpointing_enable(self, **kwargs) -> None:
         self.policy.gradient_checkpointing_enable(**kwargs)
@@ -497,7 +500,7 @@ def run(cfg: PPOConfig) -> dict:
     global_rollout = cfg.rollout_batch * engine.world_size
     n_steps = steps_for(len(train), global_rollout, cfg.epochs, cfg.max_steps)
     updates_per_step = cfg.ppo_epochs * cfg.num_minibatches
-    model, _, _ = engine.setup(PolicyAndValue(policy, value), n_steps * updates_per_step)
+    model, _, _ = engine.setup(PolicyAndValue(policy, value, cfg.padding_free), n_steps * updates_per_step)
     engine.total_steps = n_steps  # progress, logging and checkpoints count PPO steps; the schedule counts updates
     start, extra = engine.resume()
     policy = engine.unwrap(model).policy
