@@ -123,3 +123,91 @@ def test_policy_and_value_outputs_equal_the_padded_forward(tmp_path):
     assert len(packed[2]) == len(padded[2])
     for a, b in zip(packed[2], padded[2]):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+# --- rows that share a prompt -----------------------------------------------------------------------------------------
+def test_shared_prompt_layout_and_tree_mask():
+    # rows: prompt [5 6] + [7] and prompt [5 6] + [8 9]: one segment [5 6 7 8 9], positions 0 1 2 2 3
+    ids = torch.tensor([[5, 6, 7, 0], [5, 6, 8, 9]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
+    p = P.plan(mask, ids=ids, prefix_lengths=torch.tensor([2, 2]))
+    assert (p.rows, p.width) == (1, 5)
+    assert P.pack(ids, p).tolist() == [[5, 6, 7, 8, 9]]
+    assert p.position_ids.tolist() == [[0, 1, 2, 2, 3]]
+    assert p.visible[0, 0].int().tolist() == [[1, 0, 0, 0, 0],
+                                              [1, 1, 0, 0, 0],
+                                              [1, 1, 1, 0, 0],   # 7 sees the prompt and itself
+                                              [1, 1, 0, 1, 0],   # 8 sees the prompt, not 7
+                                              [1, 1, 0, 1, 1]]
+    assert p.jump_cols.tolist() == [3] and p.jump_parents.tolist() == [1]  # 8 is predicted from 6, not from 7
+    assert torch.equal(P.unpack(P.pack(ids, p), p), ids * mask)  # the prompt goes back to both rows
+    different = torch.tensor([[5, 6, 7, 0], [5, 4, 8, 9]])  # other prompt tokens: nothing shared
+    assert P.plan(mask, ids=different, prefix_lengths=torch.tensor([2, 2])) is None  # 3 + 4 in a row of 8: no gain
+
+
+def pair_batch(seed=0):
+    """collate_pairs-shaped rows: B chosen then B rejected, each prompt + completion, right-padded."""
+    from tether.data import PairExample, collate_pairs
+
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda n: torch.randint(3, 60, (n,), generator=g).tolist()  # noqa: E731
+    pairs = [PairExample(rand(p), rand(c), rand(r)) for p, c, r in [(3, 5, 2), (6, 1, 4), (2, 7, 7), (4, 3, 1)]]
+    return collate_pairs(pairs, 0)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_shared_prompts_give_the_padded_logprobs_and_gradients(tiny, attn):
+    from tether.data import prompt_lengths
+
+    tiny.config._attn_implementation = attn
+    batch = pair_batch()
+    ids, mask, prefix = batch["input_ids"], batch["attention_mask"], prompt_lengths(batch)
+    p = P.plan(mask, P.attention_ratio(tiny.config), ids=ids, prefix_lengths=prefix)
+    assert p is not None and p.visible is not None and len(p.jump_cols) == 4
+    real = batch["response_mask"][:, 1:].float()
+
+    def run(padding_free):
+        tiny.zero_grad()
+        lp = P.token_logprobs(tiny, ids, mask, padding_free=padding_free, prefix_lengths=prefix)
+        (lp * real).sum().backward()
+        return lp * real, [q.grad.clone() for q in tiny.parameters()]
+
+    shared, padded = run(True), run(False)
+    tiny.config._attn_implementation = "sdpa"
+    torch.testing.assert_close(shared[0], padded[0], atol=1e-5, rtol=1e-5)
+    for a, b in zip(shared[1], padded[1]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_a_group_of_rollouts_shares_its_left_padded_prompt(tiny):
+    """GRPO-shaped: 2 prompts x 3 samples, prompts left-padded, responses right-padded; sequence_logprobs."""
+    from tether.generation import sequence_logprobs
+
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, 60, (n,), generator=g) for n in (2, 4)]
+    rows, masks = [], []
+    for prompt in prompts:
+        for n in (1, 3, 2):
+            response = torch.randint(3, 60, (n,), generator=g)
+            rows.append(torch.cat([torch.zeros(4 - len(prompt), dtype=torch.long), prompt, response,
+                                   torch.zeros(3 - n, dtype=torch.long)]))
+            masks.append(torch.tensor([0] * (4 - len(prompt)) + [1] * (len(prompt) + n) + [0] * (3 - n)))
+    ids, mask = torch.stack(rows), torch.stack(masks)
+    response = mask[:, 4:].float()
+    with torch.no_grad():
+        shared = sequence_logprobs(tiny, ids, mask, 4) * response
+        padded = sequence_logprobs(tiny, ids, mask, 4, padding_free=False) * response
+    assert P.plan(mask, ids=ids, prefix_lengths=mask[:, :4].sum(1)).visible is not None
+    torch.testing.assert_close(shared, padded, atol=1e-5, rtol=1e-5)
+
+
+def test_shared_prompt_reward_scores(tmp_path):
+    from tether.data import prompt_lengths
+
+    model = load_reward_model(save_tiny(tmp_path / "rm", seed=8)).eval()
+    batch = pair_batch(seed=2)
+    args = (model, batch["input_ids"], batch["attention_mask"])
+    with torch.no_grad():
+        shared = reward_scores(*args, prefix_lengths=prompt_lengths(batch))
+        padded = reward_scores(*args, padding_free=False)
+    torch.testing.assert_close(shared, padded, atol=1e-5, rtol=1e-5)

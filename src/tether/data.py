@@ -751,6 +751,11 @@ def pack_examples(examples: Sequence[Example], max_len: int) -> list[Example]:
     return rows
 
 
+def prompt_lengths(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(N,) real prompt tokens of each row of a collate_completions-style batch (attention minus response mask)."""
+    return (batch["attention_mask"] - batch["response_mask"]).sum(1)
+
+
 def count_tokens(batch: dict[str, torch.Tensor]) -> int:
     """Real (non-pad) tokens of a collated batch, for tokens/s."""
     return int(batch["attention_mask"].sum())

@@ -38,6 +38,7 @@ under the *tempered, unfiltered* distribution (log_softmax(logits / T)) — the 
 
 from __future__ import annotations
 
+import inspect
 import logging
 import weakref
 from collections.abc import Sequence
@@ -115,16 +116,27 @@ def _decode_loop(step, first_logits, batch, max_new_tokens, eos_token_id, pad_to
     return torch.stack(tokens_out, 1), torch.stack(logprobs_out, 1)
 
 
+def cache_keyword(model) -> str:
+    """The forward's name for the KV cache: `cache` from transformers 5.24 on (`past_key_values` is deprecated there
+    and goes in 5.40), `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _returned_cache(out):
+    return out["cache"] if "cache" in out else out["past_key_values"]
+
+
 def _sample_eager(model, ids, mask, max_new_tokens, eos_token_id, pad_token_id, temperature, top_k, top_p, generator):
     positions = position_ids_from_mask(mask)
+    key = cache_keyword(model)
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
-    state = {"past": out.past_key_values, "mask": mask, "pos": positions[:, -1:] + 1}
+    state = {"past": _returned_cache(out), "mask": mask, "pos": positions[:, -1:] + 1}
 
     def step(tokens, t):
         state["mask"] = torch.cat([state["mask"], torch.ones_like(tokens[:, None])], dim=1)
         o = model(input_ids=tokens[:, None], attention_mask=state["mask"], position_ids=state["pos"],
-                  past_key_values=state["past"], use_cache=True)
-        state["past"], state["pos"] = o.past_key_values, state["pos"] + 1
+                  use_cache=True, **{key: state["past"]})
+        state["past"], state["pos"] = _returned_cache(o), state["pos"] + 1
         return o.logits[:, -1]
 
     return _decode_loop(step, out.logits[:, -1], len(ids), max_new_tokens, eos_token_id, pad_token_id,
@@ -142,16 +154,17 @@ def _sample_static(model, ids, mask, max_new_tokens, eos_token_id, pad_token_id,
     full_mask = torch.zeros(batch, total, dtype=mask.dtype, device=ids.device)
     full_mask[:, :prompt_len] = mask
     positions = position_ids_from_mask(mask)
-    out = model(input_ids=ids, attention_mask=full_mask[:, :prompt_len], position_ids=positions,
-                past_key_values=cache, use_cache=True, cache_position=torch.arange(prompt_len, device=ids.device))
+    key = cache_keyword(model)
+    out = model(input_ids=ids, attention_mask=full_mask[:, :prompt_len], position_ids=positions, use_cache=True,
+                cache_position=torch.arange(prompt_len, device=ids.device), **{key: cache})
     pos = positions[:, -1:] + 1
 
     def step(tokens, t):
         nonlocal pos
         index = prompt_len + t
         full_mask[:, index] = 1
-        o = model(input_ids=tokens[:, None], attention_mask=full_mask, position_ids=pos, past_key_values=cache,
-                  use_cache=True, cache_position=torch.tensor([index], device=ids.device))
+        o = model(input_ids=tokens[:, None], attention_mask=full_mask, position_ids=pos, use_cache=True,
+                  cache_position=torch.tensor([index], device=ids.device), **{key: cache})
         pos = pos + 1
         return o.logits[:, -1]
 
@@ -280,13 +293,14 @@ def sample(model, prompts: Sequence[Sequence[int]] | torch.Tensor, max_new_token
 def sequence_logprobs(model, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int,
                       temperature: float = 1.0, padding_free: bool = True) -> torch.Tensor:
     """(B, T) log-probs of the response tokens sequences[:, prompt_len:] under logits / T, in one forward (the rows
-    bin-packed when that saves some: packing.py).
+    bin-packed when that saves some, rows with the same prompt sharing one copy of it: packing.py).
 
     Masked (padding) positions hold no meaningful value; multiply by the response mask.
     """
     from tether.packing import token_logprobs
 
-    lp = token_logprobs(model, sequences, attention_mask, temperature, padding_free)  # (B, P+T-1): of token t+1
+    prompts = attention_mask[:, :prompt_len].sum(1)  # rows with the same prompt (a GRPO group) share one copy
+    lp = token_logprobs(model, sequences, attention_mask, temperature, padding_free, prompts)  # (B, P+T-1)
     return lp[:, prompt_len - 1 :]
 
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from tether.generation import filter_logits
+from tether.generation import cache_keyword, filter_logits
 from tether.models import position_ids_from_mask
 
 CHECK_EVERY = 8  # decode steps between host checks of "every row has finished"
@@ -57,8 +57,8 @@ def prefill(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int):
     from transformers import StaticCache
 
     cache = StaticCache(config=model.config, max_cache_len=ids.shape[1] + max_new_tokens)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), past_key_values=cache,
-                use_cache=True)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=True,
+                **{cache_keyword(model): cache})
     return cache, out.logits[:, -1]
 
 
@@ -94,7 +94,7 @@ def build_step(model, cache, mask: torch.Tensor, first: torch.Tensor, first_logp
     def step() -> None:
         b["attn"].index_fill_(3, b["slot"], 0.0)  # the incoming token becomes visible
         logits = forward(input_ids=b["tokens"][:, None], attention_mask=b["attn"], position_ids=b["position"],
-                       past_key_values=cache, use_cache=True).logits[:, -1]
+                       use_cache=True, **{cache_keyword(model): cache}).logits[:, -1]
         tokens, logprobs = draw(logits, temperature, top_k, top_p, generator)
         finished = b["done"]
         tokens = torch.where(finished, torch.full_like(tokens, pad_token_id), tokens)

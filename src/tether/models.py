@@ -188,7 +188,7 @@ def _hf_model(model):
 
 
 def reward_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, normalize: bool = True,
-                  padding_free: bool = True):
+                  padding_free: bool = True, prefix_lengths: torch.Tensor | None = None):
     """(B,) scalar rewards read at the last real token; with `normalize`, the stored gain/bias are applied.
 
     A reward model's config may carry `reward_gain` and `reward_bias` (set after training so that reference
@@ -196,20 +196,22 @@ def reward_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
     so every consumer sees the same scale. The per-position head output is captured with a hook and gathered at
     `last_token_index`, so padding on either side and a pad id equal to the EOS id are both handled (the model's own
     pooling looks for the rightmost non-pad id, which is wrong when pad == EOS), and DDP/peft wrappers still see a
-    normal forward. With `padding_free`, rows are bin-packed when that saves rows (packing.py): same scores.
+    normal forward. With `padding_free`, rows are bin-packed when that saves rows (packing.py): same scores; with
+    `prefix_lengths` (the real prompt tokens of each row) too, rows with the same prompt share one copy of it.
     """
     from tether import packing
 
     captured: dict[str, torch.Tensor] = {}
     hf = _hf_model(model)
     hook = hf.score.register_forward_hook(lambda _m, _i, out: captured.update(logits=out))  # (B, T, 1)
-    p = packing.plan(attention_mask, packing.attention_ratio(hf.config)) if padding_free else None
+    p = packing.plan_for(hf, input_ids, attention_mask, prefix_lengths, padding_free)
     try:
         if p is None:
             model(input_ids=input_ids, attention_mask=attention_mask,
                   position_ids=position_ids_from_mask(attention_mask))
         else:
-            model(input_ids=packing.pack(input_ids, p), position_ids=p.position_ids, use_cache=False)
+            model(input_ids=packing.pack(input_ids, p), attention_mask=packing.packed_attention_mask(p, hf.config),
+                  position_ids=p.position_ids, use_cache=False)
     finally:
         hook.remove()
     per_token = captured["logits"] if p is None else packing.unpack(captured["logits"], p)  # (B, T, 1)

@@ -38,12 +38,52 @@ from tether.losses import logprobs_from_logits
 @dataclass
 class Packing:
     shape: tuple[int, int]  # (N, T) of the padded batch
-    width: int  # W, the width of the packed rows (T or a multiple of it)
+    width: int  # W, the width of the packed rows (T or wider)
     rows: int  # R packed rows
     src: torch.Tensor  # (n,) flat indices of the real tokens in the padded N*T layout
-    dst: torch.Tensor  # (n,) the same tokens' flat indices in the packed R*T layout
-    first: torch.Tensor  # (n,) bool: the token opens its sequence (nothing before it in its own row)
-    position_ids: torch.Tensor  # (R, T) 0, 1, ... per sequence; each row's unused tail is a segment of its own
+    dst: torch.Tensor  # (n,) the same tokens' flat indices in the packed R*W layout (shared prompts: many to one)
+    first: torch.Tensor  # (n,) bool: the token opens its sequence (nothing before it)
+    position_ids: torch.Tensor  # (R, W) 0, 1, ... per sequence; each row's unused tail is a segment of its own
+    visible: torch.Tensor | None = None  # (R, 1, W, W) bool, only when prompts are shared: who attends to whom
+    jump_cols: torch.Tensor | None = None  # (k,) packed flat indices of tokens whose predecessor is not the slot
+    jump_parents: torch.Tensor | None = None  # before them (a response's first token after a shared prompt), and
+    #                                           the flat index of that predecessor (the prompt's last token)
+
+
+@dataclass
+class _Segment:
+    """One packed unit: a prompt shared by several rows then each row's own tokens, or one whole row."""
+
+    rows: list[int]
+    prefix: int  # shared prompt tokens (0: a single row, nothing shared)
+    suffixes: list[int]  # each row's tokens after the prefix
+
+    @property
+    def length(self) -> int:
+        return self.prefix + sum(self.suffixes)
+
+
+def _segments(ids: torch.Tensor | None, lengths: list[int], starts: list[int],
+              prefix_lengths: list[int] | None) -> list[_Segment]:
+    """Rows with the same first `prefix_length` real tokens (and the same prefix length) share one copy of them."""
+    if ids is None or prefix_lengths is None:
+        return [_Segment([i], 0, [n]) for i, n in enumerate(lengths) if n]
+    groups: dict[tuple, list[int]] = {}
+    singles = []
+    for i, (n, s, k) in enumerate(zip(lengths, starts, prefix_lengths)):
+        if not n:
+            continue
+        if 0 < k <= n:
+            groups.setdefault(tuple(ids[i, s : s + k].tolist()), []).append(i)
+        else:
+            singles.append(_Segment([i], 0, [n]))
+    out = []
+    for key, members in groups.items():
+        if len(members) == 1:
+            out.append(_Segment(members, 0, [lengths[members[0]]]))
+        else:
+            out.append(_Segment(members, len(key), [lengths[i] - len(key) for i in members]))
+    return out + singles
 
 
 def first_fit_decreasing(lengths: list[int], width: int) -> list[tuple[int, int]]:
@@ -61,6 +101,16 @@ def first_fit_decreasing(lengths: list[int], width: int) -> list[tuple[int, int]
     return where
 
 
+def candidate_widths(total: int, min_width: int, n_rows: int, tries: int = 12) -> list[int]:
+    """The narrowest width (T, or the longest segment), and the widths that would hold `total` tokens in k rows
+    (k < N, up to `tries` of them, a little slack for the fit), none narrower."""
+    widths = {min_width}
+    for k in sorted({max(1, round(n_rows * (i / tries))) for i in range(1, tries + 1)}):
+        if k < n_rows:
+            widths.add(max(min_width, math.ceil(total * 1.04 / k)))
+    return sorted(widths)
+
+
 def attention_ratio(config) -> float:
     """κ: the linear-layer FLOPs of one token over the attention FLOPs of one (query, key) pair, from a model config."""
     hidden = getattr(config, "hidden_size", 0) or 0  # no config: count the linear layers only
@@ -68,19 +118,14 @@ def attention_ratio(config) -> float:
     return max(1.0, 2.0 * hidden + 1.5 * inner) if hidden else float("inf")
 
 
-def candidate_widths(total: int, padded_width: int, n_rows: int, tries: int = 12) -> list[int]:
-    """T, and the widths that would hold `total` tokens in k rows (k < N, up to `tries` of them, a little slack for
-    the fit), each at least T."""
-    widths = {padded_width}
-    for k in sorted({max(1, round(n_rows * (i / tries))) for i in range(1, tries + 1)}):
-        if k < n_rows:
-            widths.add(max(padded_width, math.ceil(total * 1.04 / k)))
-    return sorted(widths)
-
-
-def plan(mask: torch.Tensor, kappa: float = float("inf"), min_saving: float = 0.05) -> Packing | None:
+def plan(mask: torch.Tensor, kappa: float = float("inf"), min_saving: float = 0.05, ids: torch.Tensor | None = None,
+         prefix_lengths: torch.Tensor | None = None) -> Packing | None:
     """The packing of a (N, T) attention mask, or None when it would not cut the estimated cost by `min_saving`
-    (see the module docstring; κ = inf counts linear layers only) or a row's tokens are not contiguous."""
+    (see the module docstring; κ = inf counts linear layers only) or a row's tokens are not contiguous.
+
+    With `ids` and `prefix_lengths` (N,) (the real prompt tokens of each row), rows whose prompts are the same tokens
+    share one copy of them: the prompt, then each row's response, each response seeing the prompt and itself
+    (`visible`, a tree-shaped mask, which needs an attention that takes a 4D mask: sdpa or eager)."""
     n_rows, padded_width = mask.shape
     m = mask.detach().bool().cpu()
     lengths = m.sum(1).tolist()
@@ -89,36 +134,67 @@ def plan(mask: torch.Tensor, kappa: float = float("inf"), min_saving: float = 0.
     ends = torch.where(m, columns, -1).max(1).values.tolist()
     if any(n and e - s + 1 != n for n, s, e in zip(lengths, starts, ends)):
         return None  # holes inside a row: not a padded batch
+    segments = _segments(None if ids is None else ids.detach().cpu(), lengths, starts,
+                         None if prefix_lengths is None else prefix_lengths.tolist())
+    sizes = [g.length for g in segments]
 
     def cost(rows: int, width: int) -> float:
         return rows * (width + width * width / kappa)
 
     best, best_cost = None, cost(n_rows, padded_width) * (1.0 - min_saving)
-    total = sum(lengths)
-    for width in candidate_widths(total, padded_width, n_rows):
-        where = first_fit_decreasing(lengths, width)
-        rows = 1 + max((r for (r, _), n in zip(where, lengths) if n), default=0)
+    for width in candidate_widths(sum(sizes), max(sizes + [padded_width]), n_rows):
+        where = first_fit_decreasing(sizes, width)
+        rows = 1 + max((r for r, _ in where), default=0)
         if rows < n_rows and cost(rows, width) < best_cost:
             best, best_cost = (width, rows, where), cost(rows, width)
     if best is None:
         return None
     width, rows, where = best
-    src, dst, first = [], [], []
+    return _layout(segments, where, (n_rows, padded_width), width, rows, starts, mask.device)
+
+
+def _layout(segments: list[_Segment], where, shape, width: int, rows: int, starts: list[int], device) -> Packing:
+    """Index maps, positions and (with shared prompts) the tree mask of a placement."""
+    padded_width = shape[1]
+    src, dst, first, jump_cols, jump_parents = [], [], [], [], []
     positions = torch.zeros(rows, width, dtype=torch.long)
+    segment_of = torch.full((rows, width), -1, dtype=torch.long)  # unused tail: -1, made unique below
+    member_of = torch.full((rows, width), -1, dtype=torch.long)  # -1: shared prompt (or a whole single row)
     used = [0] * rows
-    for i, ((row, offset), n) in enumerate(zip(where, lengths)):
-        if not n:
-            continue
-        src.append(i * padded_width + starts[i] + torch.arange(n))
-        dst.append(row * width + offset + torch.arange(n))
-        first.append(torch.arange(n) == 0)
-        positions[row, offset : offset + n] = torch.arange(n)
-        used[row] = max(used[row], offset + n)
+    for s, (g, (row, offset)) in enumerate(zip(segments, where)):
+        base = row * width + offset
+        segment_of[row, offset : offset + g.length] = s
+        positions[row, offset : offset + g.prefix] = torch.arange(g.prefix)
+        col = offset + g.prefix
+        for j, (i, n) in enumerate(zip(g.rows, g.suffixes)):
+            positions[row, col : col + n] = torch.arange(g.prefix, g.prefix + n)
+            if g.prefix:
+                member_of[row, col : col + n] = j
+                src.append(i * padded_width + starts[i] + torch.arange(g.prefix))
+                dst.append(base + torch.arange(g.prefix))
+                first.append(torch.arange(g.prefix) == 0)
+                if n and col > offset + g.prefix:  # the first response follows the prompt directly
+                    jump_cols.append(row * width + col)
+                    jump_parents.append(base + g.prefix - 1)
+            src.append(i * padded_width + starts[i] + g.prefix + torch.arange(n))
+            dst.append(row * width + col + torch.arange(n))
+            first.append(torch.arange(n) == 0 if not g.prefix else torch.zeros(n, dtype=torch.bool))
+            col += n
+        used[row] = max(used[row], offset + g.length)
     for row, end in enumerate(used):
         positions[row, end:] = torch.arange(width - end)
-    device = mask.device
-    return Packing((n_rows, padded_width), width, rows, torch.cat(src).to(device), torch.cat(dst).to(device), torch.cat(first).to(device),
-                   positions.to(device))
+    visible = None
+    if jump_cols or any(g.prefix for g in segments):
+        tail = segment_of < 0  # each unused slot its own segment: it sees itself, so no row of the mask is empty
+        segment_of = torch.where(tail, len(segments) + torch.arange(rows * width).view(rows, width), segment_of)
+        causal = torch.ones(width, width, dtype=torch.bool).tril()
+        same = segment_of[:, :, None] == segment_of[:, None, :]
+        tree = (member_of[:, None, :] < 0) | (member_of[:, :, None] == member_of[:, None, :])
+        visible = (same & tree & causal)[:, None].to(device)
+    long = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)  # noqa: E731
+    return Packing(shape, width, rows, torch.cat(src).to(device), torch.cat(dst).to(device),
+                   torch.cat(first).to(device), positions.to(device), visible,
+                   long(jump_cols) if jump_cols else None, long(jump_parents) if jump_parents else None)
 
 
 def pack(values: torch.Tensor, p: Packing, fill: int = 0) -> torch.Tensor:
@@ -139,24 +215,64 @@ def unpack(values: torch.Tensor, p: Packing, fill: float = 0.0, skip_first: bool
     return out.index_copy(0, src, flat[dst]).view(*p.shape, *rest)
 
 
+def packed_attention_mask(p: Packing, config) -> torch.Tensor | None:
+    """What the packed forward gets as attention_mask: None (the block-diagonal mask comes from the position
+    restarts), or the tree mask of shared prompts as the model's attention wants it (bool for sdpa, additive float
+    for eager)."""
+    if p.visible is None:
+        return None
+    if getattr(config, "_attn_implementation", "sdpa") == "eager":
+        dtype = getattr(config, "torch_dtype", None) or getattr(config, "dtype", None) or torch.float32
+        dtype = dtype if isinstance(dtype, torch.dtype) else torch.float32
+        return torch.zeros(p.visible.shape, dtype=dtype, device=p.visible.device).masked_fill(
+            ~p.visible, torch.finfo(dtype).min)
+    return p.visible
+
+
+def shares_prompts(config) -> bool:
+    """Whether this model's attention takes the 4D tree mask that sharing a prompt between rows needs."""
+    return getattr(config, "_attn_implementation", "sdpa") in ("sdpa", "eager")
+
+
+def _config(model):
+    return getattr(getattr(model, "module", model), "config", None)  # DDP keeps the model in .module
+
+
+def plan_for(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prefix_lengths: torch.Tensor | None,
+             padding_free: bool = True) -> Packing | None:
+    """`plan` with the model's κ, sharing prompts where the model's attention allows it."""
+    if not padding_free:
+        return None
+    config = _config(model)
+    share = prefix_lengths is not None and shares_prompts(config)
+    return plan(attention_mask, attention_ratio(config), ids=input_ids if share else None,
+                prefix_lengths=prefix_lengths if share else None)
+
+
 def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float = 1.0,
-                   padding_free: bool = True) -> torch.Tensor:
+                   padding_free: bool = True, prefix_lengths: torch.Tensor | None = None) -> torch.Tensor:
     """(N, T-1) log-probs of tokens 1..T-1 under logits / T, one forward, packed when that saves rows.
 
     Column t is log p(token t+1 | tokens <= t) as `logprobs_from_logits(model(ids).logits[:, :-1], ids[:, 1:])` gives
     it; pads and each row's first real token are 0 on the packed path and whatever the padded forward computes on the
-    other, so multiply by a mask of real predicted tokens (a response or label mask)."""
+    other, so multiply by a mask of real predicted tokens (a response or label mask). `prefix_lengths` (N,), the
+    real prompt tokens of each row, lets rows with the same prompt share it (DPO's chosen and rejected, a GRPO
+    group)."""
     from tether.models import position_ids_from_mask
 
-    config = getattr(getattr(model, "module", model), "config", None)  # DDP keeps the model in .module
-    p = plan(attention_mask, attention_ratio(config)) if padding_free else None
+    p = plan_for(model, input_ids, attention_mask, prefix_lengths, padding_free)
     if p is None:
         logits = model(input_ids=input_ids, attention_mask=attention_mask,
                        position_ids=position_ids_from_mask(attention_mask), use_cache=False).logits
         return logprobs_from_logits(logits[:, :-1], input_ids[:, 1:], temperature=temperature)
     ids = pack(input_ids, p)
-    logits = model(input_ids=ids, position_ids=p.position_ids, use_cache=False).logits  # (R, W, V)
-    lp = F.pad(logprobs_from_logits(logits[:, :-1], ids[:, 1:], temperature=temperature), (1, 0))  # lp of token t
+    logits = model(input_ids=ids, attention_mask=packed_attention_mask(p, _config(model)), position_ids=p.position_ids,
+                   use_cache=False).logits  # (R, W, V)
+    lp = F.pad(logprobs_from_logits(logits[:, :-1], ids[:, 1:], temperature=temperature), (1, 0))  # from slot t-1
+    if p.jump_cols is not None:  # a response's first token after a shared prompt: predicted from the prompt's end
+        flat = logits.reshape(-1, logits.shape[-1])
+        fixed = logprobs_from_logits(flat[p.jump_parents][None], ids.reshape(-1)[p.jump_cols][None], temperature)[0]
+        lp = lp.reshape(-1).index_copy(0, p.jump_cols, fixed.to(lp.dtype)).view_as(lp)
     return unpack(lp, p, skip_first=True)[:, 1:]
 
 

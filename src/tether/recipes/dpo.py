@@ -113,8 +113,9 @@ def collate(examples: list, pad_id: int, paired: bool) -> dict:
 
 def sequence_logps(model, batch: dict, average: bool, padding_free: bool = True) -> torch.Tensor:
     """(rows,) summed (or per-token mean) log-probs of the completion tokens, one forward for all rows (bin-packed
-    into fewer rows when that saves some: packing.py)."""
-    token = token_logprobs(model, batch["input_ids"], batch["attention_mask"], padding_free=padding_free)  # (rows, T-1)
+    into fewer rows when that saves some, chosen and rejected sharing one copy of their prompt: packing.py)."""
+    token = token_logprobs(model, batch["input_ids"], batch["attention_mask"], padding_free=padding_free,
+                           prefix_lengths=D.prompt_lengths(batch))  # (rows, T-1); a pair shares its prompt
     resp = batch["response_mask"][:, 1:].to(token.dtype)
     total = (token * resp).sum(-1)
     return total / resp.sum(-1).clamp(min=1) if average else total

@@ -100,7 +100,7 @@ def pairs_loss(model, batch: dict, denominator: float, label_smoothing: float = 
                padding_free: bool = True):
     """Bradley-Terry over a collate_pairs batch: ONE forward of 2B rows, Σ_b w_b·ℓ_b / denominator."""
     scores = reward_scores(model, batch["input_ids"], batch["attention_mask"], normalize=False,
-                           padding_free=padding_free)  # (2B,)
+                           padding_free=padding_free, prefix_lengths=D.prompt_lengths(batch))  # (2B,)
     chosen, rejected = scores.chunk(2)  # rows 0..B-1 chosen, B..2B-1 rejected
     margin = batch["margin"] if use_margin else None
     loss, metrics = bradley_terry_loss(chosen, rejected, margin, label_smoothing, batch["weight"])
@@ -111,7 +111,7 @@ def rankings_loss(model, batch: dict, denominator: float, label_smoothing: float
                   padding_free: bool = True):
     """InstructGPT ranking loss over a collate_rankings batch: K forward rows per prompt, Σ_prompts ℓ / denominator."""
     scores = reward_scores(model, batch["input_ids"], batch["attention_mask"], normalize=False,
-                           padding_free=padding_free)  # (N,)
+                           padding_free=padding_free, prefix_lengths=D.prompt_lengths(batch))  # (N,)
     group, rank = batch["group"], batch["rank"]
     B, K = int(group.max()) + 1, int(rank.max()) + 1
     ordered = scores.new_zeros(B, K).index_put((group, rank), scores)  # (B, K) [b, r] = score of the r-th best
