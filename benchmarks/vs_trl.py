@@ -32,6 +32,11 @@ tokens a library computes are its own cost. tether's DPO computes the
 reference log-probs once before the first step (its design); that time is spread over the run's steps and added to
 each, so it is paid for. TRL's DPO runs the reference model in every step (its default, precompute_ref_log_probs=False).
 
+Design differences measured here, each library on its defaults: tether's `padding_free=true` bin-packs each
+micro-batch's rows into fewer rows and lets rows with the same prompt share one copy of it (packing.py; exact:
+tests/test_packing.py), and its sampling backend "auto" is the lean Llama-family decoder (generation_lean.py); TRL
+pads each batch to its longest row and generates with `model.generate`.
+
 Settings that differ, each library keeping its own default: TRL's defaults gradient_checkpointing=True and bf16=True
 are switched off (tether uses neither here); logging (TRL every 10 steps to nothing, tether every step to
 metrics.jsonl and TensorBoard); TRL's extra per-step metrics (entropy, token accuracy) are its defaults; tether's
@@ -383,7 +388,8 @@ def report(found: dict, s: Settings) -> str:
             f"prompts {max(1, s.prompt_len // 4)}-{s.prompt_len} tokens, completions {max(1, s.completion_len // 8) + 1}-"
             f"{s.completion_len} with the EOS; GRPO generates {s.completion_len}") + ")\n"
             f"- settings: {json.dumps(settings)}\n"
-            f"- tokens/s: median step time after {s.warmup} warm-up steps, median over {s.repeats} runs "
+            f"- tokens/s: {'median' if s.lengths == 'fixed' else 'mean (GRPO: median)'} step time after {s.warmup} "
+            f"warm-up steps, median over {s.repeats} runs "
             f"(load average at the end {os.getloadavg()[0]:.1f}; the per-run figures show the spread)\n\n"
             f"{table(found, s)}\n")
 
