@@ -39,8 +39,8 @@ log = logging.getLogger(__name__)
 METHODS = ("ppo", "dpo", "bon", "odpo")
 STAGE_OF = {"ppo": "ppo", "dpo": "dpo", "odpo": "dpo"}  # the recipe stage a swept method runs (bon runs on its own)
 LABELS = {"ppo": "PPO (β sweep)", "dpo": "DPO (β sweep)", "bon": "best-of-n (analytic KL)", "odpo": "online DPO"}
-# CPU defaults (two cores) are the demo's, measured on `reviews`: PPO 60 steps (~3.5 min a run), DPO lr 1e-3 for
-# 2 epochs (125 steps, ~2.5 min). Held-out evaluations every ~20 steps give each run a trajectory of points.
+# CPU defaults (two cores) are the demo's, measured on `reviews`: PPO 60 steps, DPO lr 5e-4 for 2 epochs (125 steps);
+# wall times in benchmarks/RESULTS.md. Held-out evaluations every ~20 steps give each run a trajectory of points.
 FRONTIER_DEFAULTS = {**DEMO_DEFAULTS, "ppo_eval_every": 20, "dpo_eval_every": 21}
 
 
@@ -51,7 +51,7 @@ class FrontierBase(PipelineBase):
     task: str = opt("reviews", "the embedded task: data, held-out prompts and the gold reward")
     stages: str = opt("ppo,dpo,bon", "methods to sweep (comma list of ppo, dpo, bon)")
     betas_ppo: list[float] = opt([0.01, 0.05, 0.2], "PPO KL coefficients β, one run each")
-    betas_dpo: list[float] = opt([0.05, 0.1, 0.3], "DPO β values, one run each")
+    betas_dpo: list[float] = opt([0.02, 0.1, 0.3], "DPO β values, one run each")
     betas_odpo: list[float] = opt([0.1], "online DPO β values (method odpo: opt in with stages=...,odpo)")
     odpo_rounds: int = opt(4, "online DPO rounds (odpo)")
     odpo_pairs_per_round: int = opt(256, "online DPO prompts per round, labelled by the simulated raters (odpo)")
