@@ -1,27 +1,35 @@
-"""Padding-free forwards: the rows of a padded batch bin-packed into fewer rows of the same width.
+"""Padding-free forwards: the rows of a padded batch bin-packed into fewer rows, a shared prompt stored once.
 
     lp = token_logprobs(model, ids, mask)      # (N, T-1), as from the padded forward, without computing the pads
-    p = plan(mask)                             # None when packing would save no row
+    lp = token_logprobs(model, ids, mask, prefix_lengths=prompt_lens)  # rows with the same prompt share it
+    p = plan(mask)                             # None when packing would not pay
     out = model(input_ids=pack(ids, p), position_ids=p.position_ids, use_cache=False)
-    per_token = unpack(out_tensor, p)          # (R, T, ...) -> (N, T, ...) in the padded layout
+    per_token = unpack(out_tensor, p)          # (R, W, ...) -> (N, T, ...) in the padded layout
 
 A batch padded to its longest row spends its forward and backward on pad tokens: with lengths spread evenly up to
 the width, about half the work. `plan` places each row's real tokens (one contiguous span: right padding, left
-padding or both) into rows of width W, first fit by decreasing length; `pack` lays them out with
-position_ids restarting at 0 for every sequence and no attention mask, so transformers 5 derives the block-diagonal
-causal mask from the restarts (data.py says why the mask must be absent and the cache off). `unpack` carries a
-per-token result back to the padded (N, T) layout, so the code around a forward gets the tensors it would have got
-from the padded batch.
+padding or both) into rows of width W, first fit by decreasing length; `pack` lays them out with position_ids
+restarting at 0 for every sequence and no attention mask, so transformers 5 derives the block-diagonal causal mask
+from the restarts (data.py says why the mask must be absent and the cache off). `unpack` carries a per-token result
+back to the padded (N, T) layout, so the code around a forward gets the tensors it would have got from the padded
+batch.
 
-The width: rows of the batch's own width T cannot pair two sequences longer than T/2, so wider rows (about
-total/k for k rows) pack tighter, but with a dense block-diagonal mask (sdpa on a CPU) attention costs W² per row. `plan` takes the
-width of least estimated cost, rows·(W + W²/κ), against N·(T + T²/κ) for the padded batch, where κ is what one token
+Shared prompts: given each row's prompt length, rows whose prompts are the same tokens (DPO's chosen and rejected,
+a reward model's pair, the G samples of a GRPO group) become one segment — the prompt once, then each row's
+response at the positions it would have had — with a tree-shaped 4D mask (`Packing.visible`: a response sees the
+prompt and itself, not its siblings). The first token of the second and later responses is predicted from the
+prompt's last slot, not the slot before it (`jump_cols`, `jump_parents`). It needs an attention that takes a 4D
+mask (sdpa, eager); with any other, rows are packed without sharing.
+
+The width: rows of the batch's own width T cannot pair two sequences longer than T/2, so wider rows (about total/k
+for k rows) pack tighter, but with a dense mask (sdpa on a CPU) attention costs W² per row. `plan` takes the width
+of least estimated cost, rows·(W + W²/κ), against N·(T + T²/κ) for the padded batch, where κ is what one token
 costs in the linear layers relative to one attention pair, about 2·hidden + 1.5·intermediate (`attention_ratio`).
 
 This is not packing across the data set (`data.pack_examples`, which changes what a batch holds): the examples of a
 step are the same either way, so the loss and the gradient are the same up to the order of float sums;
-tests/test_packing.py checks log-probs, reward scores and gradients against the padded forward. A plan that saves no
-row returns None and the caller runs the padded forward, so fixed-length data pays nothing for the check.
+tests/test_packing.py checks log-probs, reward scores, PPO's logits and values and the gradients against the padded
+forward. A plan that does not pay returns None and the caller runs the padded forward.
 """
 
 from __future__ import annotations
