@@ -63,8 +63,8 @@ class TrainConfig:
     resume: bool = opt(False, "continue from the last checkpoint in `out`")
     mixed_precision: str = opt("auto", "no | bf16 | fp16 | auto (bf16 on a GPU that supports it, else no)")
     gradient_checkpointing: bool = opt(False, "recompute activations in the backward pass to save memory")
-    padding_free: bool = opt(True, "bin-pack each micro-batch's rows into fewer rows of its width, so no forward is "
-                                   "spent on pad tokens (same examples, same loss: packing.py)")
+    padding_free: bool = opt(True, "bin-pack each micro-batch's rows into fewer rows and store a prompt shared by "
+                                   "several rows once, so no forward is spent on pads (same loss: packing.py)")
     lora_r: int = opt(0, "LoRA rank (0 = full fine-tuning)")
     lora_alpha: float = opt(16.0, "LoRA alpha")
     lora_dropout: float = opt(0.0, "LoRA dropout")

@@ -206,12 +206,7 @@ def reward_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
     hook = hf.score.register_forward_hook(lambda _m, _i, out: captured.update(logits=out))  # (B, T, 1)
     p = packing.plan_for(hf, input_ids, attention_mask, prefix_lengths, padding_free)
     try:
-        if p is None:
-            model(input_ids=input_ids, attention_mask=attention_mask,
-                  position_ids=position_ids_from_mask(attention_mask))
-        else:
-            model(input_ids=packing.pack(input_ids, p), attention_mask=packing.packed_attention_mask(p, hf.config),
-                  position_ids=p.position_ids, use_cache=False)
+        model(**packing.forward_inputs(hf, input_ids, attention_mask, p))
     finally:
         hook.remove()
     per_token = captured["logits"] if p is None else packing.unpack(captured["logits"], p)  # (B, T, 1)

@@ -192,7 +192,7 @@ def _layout(segments: list[_Segment], where, shape, width: int, rows: int, start
     for row, end in enumerate(used):
         positions[row, end:] = torch.arange(width - end)
     visible = None
-    if jump_cols or any(g.prefix for g in segments):
+    if any(g.prefix for g in segments):
         tail = segment_of < 0  # each unused slot its own segment: it sees itself, so no row of the mask is empty
         segment_of = torch.where(tail, len(segments) + torch.arange(rows * width).view(rows, width), segment_of)
         causal = torch.ones(width, width, dtype=torch.bool).tril()
@@ -223,18 +223,8 @@ def unpack(values: torch.Tensor, p: Packing, fill: float = 0.0, skip_first: bool
     return out.index_copy(0, src, flat[dst]).view(*p.shape, *rest)
 
 
-def packed_attention_mask(p: Packing, config) -> torch.Tensor | None:
-    """What the packed forward gets as attention_mask: None (the block-diagonal mask comes from the position
-    restarts), or the tree mask of shared prompts as the model's attention wants it (bool for sdpa, additive float
-    for eager)."""
-    if p.visible is None:
-        return None
-    if getattr(config, "_attn_implementation", "sdpa") == "eager":
-        dtype = getattr(config, "torch_dtype", None) or getattr(config, "dtype", None) or torch.float32
-        dtype = dtype if isinstance(dtype, torch.dtype) else torch.float32
-        return torch.zeros(p.visible.shape, dtype=dtype, device=p.visible.device).masked_fill(
-            ~p.visible, torch.finfo(dtype).min)
-    return p.visible
+def _config(model):
+    return getattr(getattr(model, "module", model), "config", None)  # DDP keeps the model in .module
 
 
 def shares_prompts(config) -> bool:
@@ -242,13 +232,9 @@ def shares_prompts(config) -> bool:
     return getattr(config, "_attn_implementation", "sdpa") in ("sdpa", "eager")
 
 
-def _config(model):
-    return getattr(getattr(model, "module", model), "config", None)  # DDP keeps the model in .module
-
-
-def plan_for(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prefix_lengths: torch.Tensor | None,
+def plan_for(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prefix_lengths: torch.Tensor | None = None,
              padding_free: bool = True) -> Packing | None:
-    """`plan` with the model's κ, sharing prompts where the model's attention allows it."""
+    """`plan` with the model's κ, sharing prompts where the model's attention allows it; None when switched off."""
     if not padding_free:
         return None
     config = _config(model)
@@ -257,26 +243,46 @@ def plan_for(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prefi
                 prefix_lengths=prefix_lengths if share else None)
 
 
+def packed_attention_mask(p: Packing, model) -> torch.Tensor | None:
+    """What the packed forward gets as attention_mask: None (the block-diagonal mask comes from the position
+    restarts), or the tree mask of shared prompts as the model's attention wants it (bool for sdpa, additive in the
+    weights' dtype for eager)."""
+    if p.visible is None or getattr(_config(model), "_attn_implementation", "sdpa") != "eager":
+        return p.visible
+    dtype = next(model.parameters()).dtype
+    return torch.zeros(p.visible.shape, dtype=dtype, device=p.visible.device).masked_fill(~p.visible,
+                                                                                           torch.finfo(dtype).min)
+
+
+def forward_inputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, p: Packing | None) -> dict:
+    """The keyword arguments of one forward without a cache: the padded batch (its mask, positions from the mask) or,
+    with a plan, the packed one."""
+    from tether.models import position_ids_from_mask
+
+    if p is None:
+        return {"input_ids": input_ids, "attention_mask": attention_mask,
+                "position_ids": position_ids_from_mask(attention_mask), "use_cache": False}
+    return {"input_ids": pack(input_ids, p), "attention_mask": packed_attention_mask(p, model),
+            "position_ids": p.position_ids, "use_cache": False}
+
+
 def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float = 1.0,
                    padding_free: bool = True, prefix_lengths: torch.Tensor | None = None) -> torch.Tensor:
-    """(N, T-1) log-probs of tokens 1..T-1 under logits / T, one forward, packed when that saves rows.
+    """(N, T-1) log-probs of tokens 1..T-1 under logits / T, one forward, packed when that pays.
 
     Column t is log p(token t+1 | tokens <= t) as `logprobs_from_logits(model(ids).logits[:, :-1], ids[:, 1:])` gives
     it; pads and each row's first real token are 0 on the packed path and whatever the padded forward computes on the
     other, so multiply by a mask of real predicted tokens (a response or label mask). `prefix_lengths` (N,), the
     real prompt tokens of each row, lets rows with the same prompt share it (DPO's chosen and rejected, a GRPO
     group)."""
-    from tether.models import position_ids_from_mask
-
     p = plan_for(model, input_ids, attention_mask, prefix_lengths, padding_free)
+    inputs = forward_inputs(model, input_ids, attention_mask, p)
+    ids = inputs["input_ids"]
+    logits = model(**inputs).logits  # (N, T, V) padded, (R, W, V) packed
+    lp = logprobs_from_logits(logits[:, :-1], ids[:, 1:], temperature=temperature)
     if p is None:
-        logits = model(input_ids=input_ids, attention_mask=attention_mask,
-                       position_ids=position_ids_from_mask(attention_mask), use_cache=False).logits
-        return logprobs_from_logits(logits[:, :-1], input_ids[:, 1:], temperature=temperature)
-    ids = pack(input_ids, p)
-    logits = model(input_ids=ids, attention_mask=packed_attention_mask(p, _config(model)), position_ids=p.position_ids,
-                   use_cache=False).logits  # (R, W, V)
-    lp = F.pad(logprobs_from_logits(logits[:, :-1], ids[:, 1:], temperature=temperature), (1, 0))  # from slot t-1
+        return lp
+    lp = F.pad(lp, (1, 0))  # packed: column t holds the log-prob of token t, taken from slot t-1
     if p.jump_cols is not None:  # a response's first token after a shared prompt: predicted from the prompt's end
         flat = logits.reshape(-1, logits.shape[-1])
         fixed = logprobs_from_logits(flat[p.jump_parents][None], ids.reshape(-1)[p.jump_cols][None], temperature)[0]
@@ -284,19 +290,14 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     return unpack(lp, p, skip_first=True)[:, 1:]
 
 
-def padded_outputs(forward, input_ids: torch.Tensor, attention_mask: torch.Tensor, kappa: float = float("inf"),
-                   padding_free: bool = True):
-    """Call `forward(input_ids, attention_mask, position_ids)` -> a (rows, T, ...) tensor or a tuple of them, packed
-    when that saves rows, and return the outputs in the padded (N, T, ...) layout (0 at pads).
+def padded_outputs(forward, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, padding_free: bool = True):
+    """`forward(**forward_inputs(...))` -> a (rows, T, ...) tensor or a tuple of them, run packed when that pays (with
+    `model`'s κ, no prompt sharing), returned in the padded (N, T, ...) layout (0 at pads).
 
     For outputs at a position that depend only on the tokens up to it in its own sequence (logits, values): packed,
-    each real position sees exactly what it sees in the padded batch. The packed call gets attention_mask None."""
-    from tether.models import position_ids_from_mask
-
-    p = plan(attention_mask, kappa) if padding_free else None
+    each real position sees exactly what it sees in the padded batch."""
+    p = plan_for(model, input_ids, attention_mask, None, padding_free)
+    out = forward(**forward_inputs(model, input_ids, attention_mask, p))
     if p is None:
-        return forward(input_ids, attention_mask, position_ids_from_mask(attention_mask))
-    out = forward(pack(input_ids, p), None, p.position_ids)
-    if isinstance(out, tuple):
-        return tuple(unpack(o, p) for o in out)
-    return unpack(out, p)
+        return out
+    return tuple(unpack(o, p) for o in out) if isinstance(out, tuple) else unpack(out, p)

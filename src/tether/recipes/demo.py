@@ -15,9 +15,11 @@ over-optimisation; selected by overopt=true or by name). ppo_nokl optimises a we
 model recipe on only the first `overopt_pairs` comparisons (Gao et al.: the fewer comparisons, the sooner the proxy
 is over-optimised). Measured: against the full RM, β = 0 reaches the gold plateau of β = 0.05 at a higher KL (gold
 1.90 at KL 7.6 vs 1.97 at KL 4.6) and does not turn down in 120 steps; against the 500-comparison proxy (held-out
-accuracy 0.70) the held-out gold goes 0.59 (step 20) -> -2.20 (step 80) while the proxy rises 1.55 -> 2.61. Every setting of a stage is a key <prefix>_<key> as in `tether pipeline` (rm_small shares the rm_*
-keys, ppo_nokl the ppo_* keys; its steps are nokl_max_steps). The defaults below are what fits
-the 10-minute budget on two CPU cores; the module-level DEMO_DEFAULTS says which and why.
+accuracy 0.70) the held-out gold goes 0.59 (step 20) -> -2.20 (step 80) while the proxy rises 1.55 -> 2.61.
+
+Every setting of a stage is a key <prefix>_<key> as in `tether pipeline` (rm_small shares the rm_* keys, ppo_nokl the
+ppo_* keys; its steps are nokl_max_steps). The defaults below are what fits the 10-minute budget on two CPU cores;
+the module-level DEMO_DEFAULTS says which and why.
 """
 
 from __future__ import annotations

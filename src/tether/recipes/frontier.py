@@ -49,7 +49,7 @@ class FrontierBase(PipelineBase):
     out: str = opt("runs/frontier", "run directory: data/, sft/, rm/, one directory per sweep point, frontier.*")
     model: str = opt("", "base model (default: tasks.reviews.build_base(), built once and cached)")
     task: str = opt("reviews", "the embedded task: data, held-out prompts and the gold reward")
-    stages: str = opt("ppo,dpo,bon", "methods to sweep (comma list of ppo, dpo, bon)")
+    stages: str = opt("ppo,dpo,bon", "methods to sweep (comma list of ppo, dpo, bon, odpo)")
     betas_ppo: list[float] = opt([0.01, 0.05, 0.2], "PPO KL coefficients β, one run each")
     betas_dpo: list[float] = opt([0.02, 0.1, 0.3], "DPO β values, one run each")
     betas_odpo: list[float] = opt([0.1], "online DPO β values (method odpo: opt in with stages=...,odpo)")

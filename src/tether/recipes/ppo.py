@@ -163,12 +163,12 @@ class PolicyAndValue(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
         """Rows bin-packed when that saves some (packing.py); outputs in the padded layout either way."""
-        def both(ids, mask, position_ids):
-            logits = self.policy(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False).logits
-            return logits, token_values(self.value, ids, mask, position_ids)
+        def both(input_ids, attention_mask, position_ids, use_cache):
+            logits = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                 use_cache=use_cache).logits
+            return logits, token_values(self.value, input_ids, attention_mask, position_ids)
 
-        kappa = packing.attention_ratio(getattr(self.policy, "config", None))
-        return packing.padded_outputs(both, input_ids, attention_mask, kappa, self.padding_free)
+        return packing.padded_outputs(both, self.policy, input_ids, attention_mask, self.padding_free)
 
     def gradient_checkpointing_enable(self, **kwargs) -> None:
         self.policy.gradient_checkpointing_enable(**kwargs)
@@ -242,16 +242,17 @@ def memory_mb(device: torch.device) -> float:
 class ReferencePolicy:
     """πref: a frozen copy of the SFT policy, or (LoRA + share_reference) the policy's base with adapters disabled."""
 
-    def __init__(self, policy, share: bool):
+    def __init__(self, policy, share: bool, padding_free: bool = True):
         self.shared = share and has_adapters(policy)
         self.model = policy if self.shared else frozen_copy(policy)
+        self.padding_free = padding_free
 
     @torch.no_grad()
     def logprobs(self, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int, temperature: float):
         from tether.generation import sequence_logprobs
 
         with disabled_adapters(self.model) if self.shared else nullcontext():
-            return sequence_logprobs(self.model, sequences, attention_mask, prompt_len, temperature=temperature)
+            return sequence_logprobs(self.model, sequences, attention_mask, prompt_len, temperature, self.padding_free)
 
 
 # --- rollout ------------------------------------------------------------------------------------------------------------
@@ -487,7 +488,7 @@ def run(cfg: PPOConfig) -> dict:
 
     lora = LoraSettings.from_config(cfg)
     policy = load_causal_lm(cfg.model, lora).to(device)
-    reference = ReferencePolicy(policy, cfg.share_reference)
+    reference = ReferencePolicy(policy, cfg.share_reference, cfg.padding_free)
     value = load_reward_model(value_init_dir(cfg), lora).to(device)
     reward = load_reward(cfg, device)
     controller = CONTROLLERS[cfg.kl_controller](cfg)

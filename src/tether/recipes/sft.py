@@ -70,14 +70,13 @@ def split_train_eval(cfg: SFTConfig, tokenizer) -> tuple[list, list, dict]:
     return train, held, stats.as_dict()
 
 
-def forward_nll(model, batch: dict, num_tokens: float, padding_free: bool = False) -> torch.Tensor:
+def forward_nll(model, batch: dict, num_tokens: float, padding_free: bool = True) -> torch.Tensor:
     """Summed next-token NLL over completion tokens / num_tokens; `padding_free` bin-packs the rows (packing.py)."""
-    if padding_free and "position_ids" not in batch:  # rows packed by pack_examples are already padding-free
-        logprobs = token_logprobs(model, batch["input_ids"], batch["attention_mask"])  # (B, T-1)
-        return -(logprobs * (batch["labels"][:, 1:] != D.IGNORE_INDEX)).sum() / num_tokens
-    logits = model(**D.model_inputs(batch)).logits[:, :-1]  # (B, T-1, V) predicts tokens 1..T-1
-    loss, _ = sft_loss(logits, batch["labels"][:, 1:], num_tokens=num_tokens)
-    return loss
+    if "position_ids" in batch:  # rows packed by pack_examples: their own positions, no mask (data.model_inputs)
+        logits = model(**D.model_inputs(batch)).logits[:, :-1]  # (B, T-1, V) predicts tokens 1..T-1
+        return sft_loss(logits, batch["labels"][:, 1:], num_tokens=num_tokens)[0]
+    logprobs = token_logprobs(model, batch["input_ids"], batch["attention_mask"], padding_free=padding_free)
+    return -(logprobs * (batch["labels"][:, 1:] != D.IGNORE_INDEX)).sum() / num_tokens
 
 
 @torch.no_grad()
