@@ -54,6 +54,14 @@ def test_left_and_right_padding_together():
     assert torch.equal(P.unpack(P.pack(ids, p), p), ids)
 
 
+@pytest.fixture(params=["flat", "rows"])
+def layout(request, monkeypatch):
+    """Run each forward-equality test both ways: one flat row with span attention, and packed rows with masks."""
+    if request.param == "rows":
+        monkeypatch.setattr(P, "flat_attention_ok", lambda model: False)
+    return request.param
+
+
 @pytest.fixture(scope="module")
 def tiny():
     tok = tiny_tokenizer()
@@ -61,7 +69,7 @@ def tiny():
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_packed_logprobs_and_gradients_equal_the_padded_forward(tiny, attn):
+def test_packed_logprobs_and_gradients_equal_the_padded_forward(tiny, attn, layout):
     tiny.config._attn_implementation = attn
     ids, mask = right_padded([9, 3, 4, 8, 2, 5], seed=1)
     # left padding too: shift row 1 right by 2 (its prompt would be left-padded in a rollout)
@@ -76,6 +84,7 @@ def test_packed_logprobs_and_gradients_equal_the_padded_forward(tiny, attn):
         return lp * real, [q.grad.clone() for q in tiny.parameters()]
 
     assert P.plan(mask).rows < len(ids)
+    assert (P.plan_for(tiny, ids, mask).spans is not None) == (layout == "flat")
     lp_packed, g_packed = run(True)
     lp_padded, g_padded = run(False)
     tiny.config._attn_implementation = "sdpa"
@@ -84,17 +93,18 @@ def test_packed_logprobs_and_gradients_equal_the_padded_forward(tiny, attn):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
-def test_packed_reward_scores_equal_the_padded_forward(tmp_path):
+def test_packed_reward_scores_equal_the_padded_forward(tmp_path, layout):
     path = save_tiny(tmp_path / "rm", seed=2)
     model = load_reward_model(path).eval()
     ids, mask = right_padded([7, 2, 3, 6, 4, 1], seed=4)
+    assert (P.plan_for(model, ids, mask).spans is not None) == (layout == "flat")
     with torch.no_grad():
         packed = reward_scores(model, ids, mask, padding_free=True)
         padded = reward_scores(model, ids, mask, padding_free=False)
     torch.testing.assert_close(packed, padded, atol=1e-5, rtol=1e-5)
 
 
-def test_policy_and_value_outputs_equal_the_padded_forward(tmp_path):
+def test_policy_and_value_outputs_equal_the_padded_forward(tmp_path, layout):
     """PPO's container (policy logits + value-head values) packed vs padded, on a rollout-shaped batch: left-padded
     prompts, right-padded responses; equal at every real position, gradients included."""
     from tether.recipes.ppo import PolicyAndValue
@@ -156,7 +166,7 @@ def pair_batch(seed=0):
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_shared_prompts_give_the_padded_logprobs_and_gradients(tiny, attn):
+def test_shared_prompts_give_the_padded_logprobs_and_gradients(tiny, attn, layout):
     from tether.data import prompt_lengths
 
     tiny.config._attn_implementation = attn
@@ -164,6 +174,7 @@ def test_shared_prompts_give_the_padded_logprobs_and_gradients(tiny, attn):
     ids, mask, prefix = batch["input_ids"], batch["attention_mask"], prompt_lengths(batch)
     p = P.plan(mask, P.attention_ratio(tiny.config), ids=ids, prefix_lengths=prefix)
     assert p is not None and p.visible is not None and len(p.jump_cols) == 4
+    assert (P.plan_for(tiny, ids, mask, prefix).spans is not None) == (layout == "flat")
     real = batch["response_mask"][:, 1:].float()
 
     def run(padding_free):
@@ -179,7 +190,7 @@ def test_shared_prompts_give_the_padded_logprobs_and_gradients(tiny, attn):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
-def test_a_group_of_rollouts_shares_its_left_padded_prompt(tiny):
+def test_a_group_of_rollouts_shares_its_left_padded_prompt(tiny, layout):
     """GRPO-shaped: 2 prompts x 3 samples, prompts left-padded, responses right-padded; sequence_logprobs."""
     from tether.generation import sequence_logprobs
 
@@ -201,7 +212,7 @@ def test_a_group_of_rollouts_shares_its_left_padded_prompt(tiny):
     torch.testing.assert_close(shared, padded, atol=1e-5, rtol=1e-5)
 
 
-def test_shared_prompt_reward_scores(tmp_path):
+def test_shared_prompt_reward_scores(tmp_path, layout):
     from tether.data import prompt_lengths
 
     model = load_reward_model(save_tiny(tmp_path / "rm", seed=8)).eval()
@@ -211,3 +222,83 @@ def test_shared_prompt_reward_scores(tmp_path):
         shared = reward_scores(*args, prefix_lengths=prompt_lengths(batch))
         padded = reward_scores(*args, padding_free=False)
     torch.testing.assert_close(shared, padded, atol=1e-5, rtol=1e-5)
+
+
+# --- one flat row, attention sequence by sequence ----------------------------------------------------------------------
+def test_flat_layout_puts_sequences_back_to_back_with_their_spans():
+    # the shared-prompt example above: prompt [5 6], responses [7] and [8 9]; one row of 5, no mask
+    ids = torch.tensor([[5, 6, 7, 0], [5, 6, 8, 9]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
+    p = P.plan(mask, ids=ids, prefix_lengths=torch.tensor([2, 2]), flat=True)
+    assert (p.rows, p.width, p.visible) == (1, 5, None)
+    assert P.pack(ids, p).tolist() == [[5, 6, 7, 8, 9]] and p.position_ids.tolist() == [[0, 1, 2, 2, 3]]
+    assert p.spans.segments == [(0, 2, (1, 2))]
+    assert p.spans.runs() == [(2, 2, 0), (2, 1, 1), (2, 2, 1)]  # the prompt, then each run of responses
+    assert p.jump_cols.tolist() == [3] and p.jump_parents.tolist() == [1]
+    # whole sequences of lengths 3, 1, 3: ordered by length, the two 3s one run: [x] [a b c] [d e f]
+    ids, mask = right_padded([3, 1, 3])
+    p = P.plan(mask, flat=True)
+    assert p.spans.segments == [(0, 0, (1,)), (1, 0, (3,)), (4, 0, (3,))]
+    assert p.spans.runs() == [(0, 1, 1), (0, 3, 2)]
+    assert p.position_ids.tolist() == [[0, 0, 1, 2, 0, 1, 2]]
+    assert torch.equal(P.unpack(P.pack(ids, p), p), ids)
+    # cost: 7 tokens + (1 + 9 + 9)/κ = 16.5 with κ = 2, against 3 · (3 + 9/2) · 0.95 = 21.4 padded: it pays
+    assert P.plan(mask, kappa=2.0, flat=True) is not None
+    assert P.plan(torch.ones(3, 4, dtype=torch.long), flat=True) is None  # nothing to save: the padded forward
+
+
+def test_response_mask_sees_the_prompt_and_itself():
+    spans = P.Spans([(0, 2, (3,))])
+    assert spans.response_mask(2, 3, "cpu").int().tolist() == [[1, 1, 1, 0, 0],
+                                                             [1, 1, 1, 1, 0],
+                                                             [1, 1, 1, 1, 1]]
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_span_attention_with_empty_responses_and_runs_equals_the_padded_forward(tiny, attn):
+    """Three rows share a prompt and one of them has no response at all; two responses have the same length (one
+    batched run); plus two whole sequences of the same length. Grouped KV heads (4 query, 2 key/value heads)."""
+    tiny.config._attn_implementation = attn
+    g = torch.Generator().manual_seed(9)
+    prompt = torch.randint(3, 60, (3,), generator=g).tolist()
+    rows = [prompt + torch.randint(3, 60, (n,), generator=g).tolist() for n in (2, 0, 2, 4)]
+    rows += [torch.randint(3, 60, (5,), generator=g).tolist() for _ in range(2)]
+    from tether.data import pad_sequences
+
+    ids = pad_sequences(rows, 0)
+    mask = pad_sequences([[1] * len(r) for r in rows], 0)
+    prefix = torch.tensor([3, 3, 3, 3, 0, 0])
+    p = P.plan_for(tiny, ids, mask, prefix)
+    assert p.spans.runs() == [(0, 5, 2), (3, 3, 0), (3, 2, 2), (3, 4, 1)]
+    real = (mask[:, 1:] * mask[:, :-1]).float()
+
+    def run(padding_free):
+        tiny.zero_grad()
+        lp = P.token_logprobs(tiny, ids, mask, padding_free=padding_free, prefix_lengths=prefix)
+        (lp * real).sum().backward()
+        return lp * real, [q.grad.clone() for q in tiny.parameters()]
+
+    flat, padded = run(True), run(False)
+    tiny.config._attn_implementation = "sdpa"
+    assert tiny.config.num_key_value_heads < tiny.config.num_attention_heads
+    torch.testing.assert_close(flat[0], padded[0], atol=1e-5, rtol=1e-5)
+    for a, b in zip(flat[1], padded[1]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_flat_rows_are_refused_where_the_span_attention_would_not_run(tiny):
+    assert P.flat_attention_ok(tiny)
+    tiny.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    try:
+        assert not P.flat_attention_ok(tiny)  # its re-run forward would not be inside attention_for
+    finally:
+        tiny.gradient_checkpointing_disable()
+    ids, mask = right_padded([4, 2])
+    p = P.plan(mask, flat=True)
+    inputs = P.forward_inputs(tiny, ids, mask, p)
+    with pytest.raises(RuntimeError):  # outside attention_for: sdpa gets the empty mask and fails, never silently
+        tiny(**inputs)
+    with P.attention_for(p, tiny):
+        assert tiny.config._attn_implementation == P.SPAN_ATTENTION
+        tiny(**inputs)
+    assert tiny.config._attn_implementation == "sdpa"

@@ -206,7 +206,8 @@ def reward_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
     hook = hf.score.register_forward_hook(lambda _m, _i, out: captured.update(logits=out))  # (B, T, 1)
     p = packing.plan_for(hf, input_ids, attention_mask, prefix_lengths, padding_free)
     try:
-        model(**packing.forward_inputs(hf, input_ids, attention_mask, p))
+        with packing.attention_for(p, hf):
+            model(**packing.forward_inputs(hf, input_ids, attention_mask, p))
     finally:
         hook.remove()
     per_token = captured["logits"] if p is None else packing.unpack(captured["logits"], p)  # (B, T, 1)
@@ -218,19 +219,20 @@ def reward_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
 
 
 def token_values(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None,
-                 normalize: bool = True) -> torch.Tensor:
+                 normalize: bool = True, **forward_kwargs) -> torch.Tensor:
     """(B, T) value-head output at every position: the value model of PPO, a reward model read everywhere.
 
     The trunk (`base_model_prefix`, LoRA layers included) gives hidden states (B, T, d) and the score head maps each
     to a scalar. With `normalize` the stored reward gain/bias are applied as in `reward_scores`, so a value model
     initialised from a reward model starts on the scale of the rewards it has to predict (N+: value from the RM).
+    `forward_kwargs` go to the trunk (a flat row's `tether_spans`: packing.py).
     """
     hf = _hf_model(model)
     trunk = getattr(hf, hf.base_model_prefix)
     if position_ids is None:
         position_ids = position_ids_from_mask(attention_mask)
     hidden = trunk(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                   use_cache=False).last_hidden_state  # (B, T, d)
+                   use_cache=False, **forward_kwargs).last_hidden_state  # (B, T, d)
     values = hf.score(hidden).squeeze(-1).float()  # (B, T)
     if normalize:
         values = (values - getattr(hf.config, "reward_bias", 0.0)) * getattr(hf.config, "reward_gain", 1.0)

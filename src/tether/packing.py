@@ -34,8 +34,9 @@ forward. A plan that does not pay returns None and the caller runs the padded fo
 
 from __future__ import annotations
 
+import contextlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +57,44 @@ class Packing:
     jump_cols: torch.Tensor | None = None  # (k,) packed flat indices of tokens whose predecessor is not the slot
     jump_parents: torch.Tensor | None = None  # before them (a response's first token after a shared prompt), and
     #                                           the flat index of that predecessor (the prompt's last token)
+    spans: Spans | None = None  # one flat row: attention computed sequence by sequence (`span_attention`)
+
+
+@dataclass
+class Spans:
+    """Who attends to whom in one flat row: per segment (start, prefix, suffix lengths). A segment is a causal
+    sequence (prefix 0, one suffix) or a shared prompt then its responses, each response seeing the prompt and
+    itself. Segments of the same shape sit next to each other, so `span_attention` runs them as one batch."""
+
+    segments: list[tuple[int, int, tuple[int, ...]]]
+    masks: dict = field(default_factory=dict, repr=False)  # cached runs and (length, prefix+length) response masks
+
+    def runs(self) -> list[tuple[int, int, int]]:
+        """The row cut into runs for attention, in order: (prefix, length, count). A shared prompt is (p, p, 0);
+        then each run of its same-length responses (p, length, count); a run of whole sequences is (0, length,
+        count). Zero-length responses are dropped (they hold no token)."""
+        if "runs" not in self.masks:
+            out: list[list[int]] = []
+            for _, prefix, suffixes in self.segments:
+                if prefix:
+                    out.append([prefix, prefix, 0])
+                    for length, count in _equal_runs(suffixes):
+                        if length:
+                            out.append([prefix, length, count])
+                elif out and out[-1][:2] == [0, suffixes[0]]:
+                    out[-1][2] += 1
+                else:
+                    out.append([0, suffixes[0], 1])
+            self.masks["runs"] = [tuple(r) for r in out]
+        return self.masks["runs"]
+
+    def response_mask(self, prefix: int, length: int, device) -> torch.Tensor:
+        """(length, prefix+length): a response's token i sees the whole prompt and its own tokens up to i."""
+        key = (prefix, length, str(device))
+        if key not in self.masks:
+            cols = torch.arange(prefix + length, device=device)
+            self.masks[key] = cols[None, :] <= prefix + torch.arange(length, device=device)[:, None]
+        return self.masks[key]
 
 
 @dataclass
@@ -127,13 +166,17 @@ def attention_ratio(config) -> float:
 
 
 def plan(mask: torch.Tensor, kappa: float = float("inf"), min_saving: float = 0.05, ids: torch.Tensor | None = None,
-         prefix_lengths: torch.Tensor | None = None) -> Packing | None:
+         prefix_lengths: torch.Tensor | None = None, flat: bool = False) -> Packing | None:
     """The packing of a (N, T) attention mask, or None when it would not cut the estimated cost by `min_saving`
     (see the module docstring; κ = inf counts linear layers only) or a row's tokens are not contiguous.
 
     With `ids` and `prefix_lengths` (N,) (the real prompt tokens of each row), rows whose prompts are the same tokens
     share one copy of them: the prompt, then each row's response, each response seeing the prompt and itself
-    (`visible`, a tree-shaped mask, which needs an attention that takes a 4D mask: sdpa or eager)."""
+    (`visible`, a tree-shaped mask, which needs an attention that takes a 4D mask: sdpa or eager).
+
+    With `flat`, every sequence goes into one row with nothing between them, and attention is computed sequence by
+    sequence (`Packing.spans`, `span_attention`): no pad, no masked-out pair, each shared prompt once. It needs a
+    model whose attention goes through transformers' attention interface (`flat_attention_ok`)."""
     n_rows, padded_width = mask.shape
     m = mask.detach().bool().cpu()
     lengths = m.sum(1).tolist()
@@ -150,6 +193,11 @@ def plan(mask: torch.Tensor, kappa: float = float("inf"), min_saving: float = 0.
         return rows * (width + width * width / kappa)
 
     best, best_cost = None, cost(n_rows, padded_width) * (1.0 - min_saving)
+    if flat:
+        pairs = sum(g.prefix * g.prefix + sum(n * (g.prefix + n) for n in g.suffixes) for g in segments)
+        if not segments or sum(sizes) + pairs / kappa >= best_cost:
+            return None
+        return _flat_layout(segments, (n_rows, padded_width), starts, mask.device)
     for width in candidate_widths(sum(sizes), max(sizes + [padded_width]), n_rows):
         where = first_fit_decreasing(sizes, width)
         rows = 1 + max((r for r, _ in where), default=0)
@@ -161,8 +209,25 @@ def plan(mask: torch.Tensor, kappa: float = float("inf"), min_saving: float = 0.
     return _layout(segments, where, (n_rows, padded_width), width, rows, starts, mask.device)
 
 
-def _layout(segments: list[_Segment], where, shape, width: int, rows: int, starts: list[int], device) -> Packing:
-    """Index maps, positions and (with shared prompts) the tree mask of a placement."""
+def _flat_layout(segments: list[_Segment], shape, starts: list[int], device) -> Packing:
+    """All segments in one row, back to back, those of the same shape next to each other (and in each segment the
+    responses of the same length), so that `span_attention` batches them."""
+    ordered = []
+    for g in segments:
+        order = sorted(range(len(g.rows)), key=lambda j: g.suffixes[j])
+        ordered.append(_Segment([g.rows[j] for j in order], g.prefix, [g.suffixes[j] for j in order]))
+    ordered.sort(key=lambda g: (g.prefix, len(g.suffixes), g.suffixes))
+    offsets = [0]
+    for g in ordered:
+        offsets.append(offsets[-1] + g.length)
+    p = _layout(ordered, [(0, o) for o in offsets[:-1]], shape, offsets[-1], 1, starts, device, tree=False)
+    p.spans = Spans([(o, g.prefix, tuple(g.suffixes)) for o, g in zip(offsets, ordered)])
+    return p
+
+
+def _layout(segments: list[_Segment], where, shape, width: int, rows: int, starts: list[int], device,
+            tree: bool = True) -> Packing:
+    """Index maps, positions and (with shared prompts and `tree`) the tree mask of a placement."""
     padded_width = shape[1]
     src, dst, first, jump_cols, jump_parents = [], [], [], [], []
     positions = torch.zeros(rows, width, dtype=torch.long)
@@ -192,7 +257,7 @@ def _layout(segments: list[_Segment], where, shape, width: int, rows: int, start
     for row, end in enumerate(used):
         positions[row, end:] = torch.arange(width - end)
     visible = None
-    if any(g.prefix for g in segments):
+    if tree and any(g.prefix for g in segments):
         tail = segment_of < 0  # each unused slot its own segment: it sees itself, so no row of the mask is empty
         segment_of = torch.where(tail, len(segments) + torch.arange(rows * width).view(rows, width), segment_of)
         causal = torch.ones(width, width, dtype=torch.bool).tril()
@@ -227,6 +292,105 @@ def _config(model):
     return getattr(getattr(model, "module", model), "config", None)  # DDP keeps the model in .module
 
 
+# --- attention sequence by sequence over one flat row -------------------------------------------------------------------
+SPAN_ATTENTION = "tether_spans"  # the attention implementation a model runs under while a flat row goes through it
+NO_MASK = torch.zeros(1, 1, 0, 0, dtype=torch.bool)  # the flat row's attention_mask: taken as is by transformers'
+#   mask code, ignored by `span_attention`, and an error in any other attention (a forward re-run outside
+#   `attention_for`, as gradient checkpointing would) rather than a silent causal mask across sequences
+
+
+def _equal_runs(values) -> list[tuple[int, int]]:
+    """(value, count) of each run of equal neighbours: [3, 3, 5] -> [(3, 2), (5, 1)]."""
+    runs: list[list[int]] = []
+    for v in values:
+        if runs and runs[-1][0] == v:
+            runs[-1][1] += 1
+        else:
+            runs.append([v, 1])
+    return [(v, c) for v, c in runs]
+
+
+def span_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
+                   sliding_window: int | None = None, tether_spans: Spans | None = None, **kwargs):
+    """Attention of one flat row (1, H, N, D) by `tether_spans`: a causal `scaled_dot_product_attention` per run of
+    same-length sequences, and for a shared prompt one over the prompt then one per run of same-length responses
+    (keys: the prompt's, then the response's own, causally). Registered with transformers' attention interface;
+    returns (1, N, H, D) as its sdpa function does. The row is cut once with `split` (whose backward is one `cat`),
+    not sliced piece by piece (each slice's backward writes a gradient the size of the whole row)."""
+    if tether_spans is None:
+        raise RuntimeError("span attention runs only on a flat row from packing.plan(flat=True): no tether_spans given")
+    runs = tether_spans.runs()
+    longest = max(prefix + length for prefix, length, _ in runs)
+    if sliding_window is not None and sliding_window < longest:
+        raise ValueError(f"a sliding window of {sliding_window} is shorter than a sequence of {longest} tokens")
+    gqa = key.shape[1] != query.shape[1]
+    sizes = [length * max(count, 1) for _, length, count in runs]  # count 0: a shared prompt
+    cut = [x[0].split(sizes, dim=1) for x in (query, key, value)]  # per run: (h, count·length, D)
+    pieces, prompt = [], None
+    for (prefix, length, count), q, k, v in zip(runs, *cut):
+        if count == 0:  # a shared prompt: causal in itself; its keys and values serve the responses after it
+            prompt = (k[None], v[None])
+            q, k, v = q[None], k[None], v[None]
+            mask = None
+        else:
+            q, k, v = (x.unflatten(1, (count, length)).transpose(0, 1) for x in (q, k, v))  # (count, h, length, D)
+            mask = None
+            if prefix:
+                k = torch.cat([prompt[0].expand(count, -1, -1, -1), k], 2)
+                v = torch.cat([prompt[1].expand(count, -1, -1, -1), v], 2)
+                mask = tether_spans.response_mask(prefix, length, q.device)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None,
+                                             scale=scaling, enable_gqa=gqa)
+        pieces.append(out.transpose(0, 1).flatten(1, 2))  # (h, count·length, D)
+    return torch.cat(pieces, 1)[None].transpose(1, 2).contiguous(), None
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(SPAN_ATTENTION, span_attention)
+
+
+_register()
+
+
+def flat_attention_ok(model) -> bool:
+    """Whether `model` can run a flat row: a transformers model whose attention goes through the attention interface
+    (sdpa or eager), without gradient checkpointing (its re-run forward would not see the span attention) and
+    without sliding-window layers."""
+    from tether.models import _hf_model
+
+    hf = _hf_model(model)
+    config = getattr(hf, "config", None)
+    if config is None or not getattr(type(hf), "_supports_attention_backend", False):
+        return False
+    if getattr(config, "_attn_implementation", None) not in ("sdpa", "eager"):
+        return False
+    checkpointing = "is_activation_checkpointing" if hasattr(type(hf), "is_activation_checkpointing") else \
+        "is_gradient_checkpointing"  # renamed in transformers 5.x
+    if getattr(hf, checkpointing, False):
+        return False
+    return not (getattr(config, "use_sliding_window", False) or "sliding_attention" in (getattr(config, "layer_types",
+                                                                                                 None) or ()))
+
+
+@contextlib.contextmanager
+def attention_for(p: Packing | None, *models):
+    """While a flat row goes through `models`, their attention is `span_attention`; restored afterwards."""
+    if p is None or p.spans is None:
+        yield
+        return
+    configs = [_config(m) for m in models]
+    before = [c._attn_implementation for c in configs]
+    for c in configs:
+        c._attn_implementation = SPAN_ATTENTION
+    try:
+        yield
+    finally:
+        for c, b in zip(configs, before):
+            c._attn_implementation = b
+
+
 def shares_prompts(config) -> bool:
     """Whether this model's attention takes the 4D tree mask that sharing a prompt between rows needs."""
     return getattr(config, "_attn_implementation", "sdpa") in ("sdpa", "eager")
@@ -240,7 +404,7 @@ def plan_for(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prefi
     config = _config(model)
     share = prefix_lengths is not None and shares_prompts(config)
     return plan(attention_mask, attention_ratio(config), ids=input_ids if share else None,
-                prefix_lengths=prefix_lengths if share else None)
+                prefix_lengths=prefix_lengths if share else None, flat=flat_attention_ok(model))
 
 
 def packed_attention_mask(p: Packing, model) -> torch.Tensor | None:
@@ -262,6 +426,9 @@ def forward_inputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     if p is None:
         return {"input_ids": input_ids, "attention_mask": attention_mask,
                 "position_ids": position_ids_from_mask(attention_mask), "use_cache": False}
+    if p.spans is not None:  # run it inside `attention_for(p, model)`
+        return {"input_ids": pack(input_ids, p), "attention_mask": NO_MASK.to(input_ids.device),
+                "position_ids": p.position_ids, "use_cache": False, "tether_spans": p.spans}
     return {"input_ids": pack(input_ids, p), "attention_mask": packed_attention_mask(p, model),
             "position_ids": p.position_ids, "use_cache": False}
 
@@ -278,7 +445,8 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     p = plan_for(model, input_ids, attention_mask, prefix_lengths, padding_free)
     inputs = forward_inputs(model, input_ids, attention_mask, p)
     ids = inputs["input_ids"]
-    logits = model(**inputs).logits  # (N, T, V) padded, (R, W, V) packed
+    with attention_for(p, model):
+        logits = model(**inputs).logits  # (N, T, V) padded, (R, W, V) packed
     lp = logprobs_from_logits(logits[:, :-1], ids[:, 1:], temperature=temperature)
     if p is None:
         return lp
@@ -290,14 +458,18 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     return unpack(lp, p, skip_first=True)[:, 1:]
 
 
-def padded_outputs(forward, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, padding_free: bool = True):
+def padded_outputs(forward, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, padding_free: bool = True,
+                   also=()):
     """`forward(**forward_inputs(...))` -> a (rows, T, ...) tensor or a tuple of them, run packed when that pays (with
-    `model`'s κ, no prompt sharing), returned in the padded (N, T, ...) layout (0 at pads).
+    `model`'s κ, no prompt sharing), returned in the padded (N, T, ...) layout (0 at pads). `also`: the other models
+    `forward` runs (PPO's value model), which must run a flat row as `model` does.
 
     For outputs at a position that depend only on the tokens up to it in its own sequence (logits, values): packed,
     each real position sees exactly what it sees in the padded batch."""
-    p = plan_for(model, input_ids, attention_mask, None, padding_free)
-    out = forward(**forward_inputs(model, input_ids, attention_mask, p))
+    p = plan_for(model, input_ids, attention_mask, None, padding_free and all(flat_attention_ok(m) == flat_attention_ok(
+        model) for m in also))
+    with attention_for(p, model, *also):
+        out = forward(**forward_inputs(model, input_ids, attention_mask, p))
     if p is None:
         return out
     return tuple(unpack(o, p) for o in out) if isinstance(out, tuple) else unpack(out, p)

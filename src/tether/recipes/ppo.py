@@ -163,12 +163,13 @@ class PolicyAndValue(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
         """Rows bin-packed when that saves some (packing.py); outputs in the padded layout either way."""
-        def both(input_ids, attention_mask, position_ids, use_cache):
+        def both(input_ids, attention_mask, position_ids, use_cache, **spans):
             logits = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                 use_cache=use_cache).logits
-            return logits, token_values(self.value, input_ids, attention_mask, position_ids)
+                                 use_cache=use_cache, **spans).logits
+            return logits, token_values(self.value, input_ids, attention_mask, position_ids, **spans)
 
-        return packing.padded_outputs(both, self.policy, input_ids, attention_mask, self.padding_free)
+        return packing.padded_outputs(both, self.policy, input_ids, attention_mask, self.padding_free,
+                                      also=(self.value,))
 
     def gradient_checkpointing_enable(self, **kwargs) -> None:
         self.policy.gradient_checkpointing_enable(**kwargs)
