@@ -56,9 +56,12 @@ def test_left_and_right_padding_together():
 
 @pytest.fixture(params=["flat", "rows"])
 def layout(request, monkeypatch):
-    """Run each forward-equality test both ways: one flat row with span attention, and packed rows with masks."""
+    """Run each forward-equality test both ways: one flat row with span attention (its per-call cost set to 0, so
+    that the plan takes it even on these small batches), and packed rows with masks."""
     if request.param == "rows":
         monkeypatch.setattr(P, "flat_attention_ok", lambda model: False)
+    else:
+        monkeypatch.setattr(P, "RUN_COST", 0.0)
     return request.param
 
 
@@ -225,7 +228,8 @@ def test_shared_prompt_reward_scores(tmp_path, layout):
 
 
 # --- one flat row, attention sequence by sequence ----------------------------------------------------------------------
-def test_flat_layout_puts_sequences_back_to_back_with_their_spans():
+def test_flat_layout_puts_sequences_back_to_back_with_their_spans(monkeypatch):
+    monkeypatch.setattr(P, "RUN_COST", 0.0)
     # the shared-prompt example above: prompt [5 6], responses [7] and [8 9]; one row of 5, no mask
     ids = torch.tensor([[5, 6, 7, 0], [5, 6, 8, 9]])
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
@@ -242,9 +246,23 @@ def test_flat_layout_puts_sequences_back_to_back_with_their_spans():
     assert p.spans.runs() == [(0, 1, 1), (0, 3, 2)]
     assert p.position_ids.tolist() == [[0, 0, 1, 2, 0, 1, 2]]
     assert torch.equal(P.unpack(P.pack(ids, p), p), ids)
-    # cost: 7 tokens + (1 + 9 + 9)/κ = 16.5 with κ = 2, against 3 · (3 + 9/2) · 0.95 = 21.4 padded: it pays
-    assert P.plan(mask, kappa=2.0, flat=True) is not None
     assert P.plan(torch.ones(3, 4, dtype=torch.long), flat=True) is None  # nothing to save: the padded forward
+
+
+def test_the_plan_takes_the_flat_row_when_it_costs_least(monkeypatch):
+    # lengths 3, 1, 3 (width 3), κ = 2. Padded: 3 · (3 + 9/2) = 22.5, times 0.95 = 21.4 to beat. Rows of 3: [3] [3]
+    # [1] is no fewer rows; one row of 7 (>= 7.28 -> 8 wide): 8 + 64/2 = 40; two rows of 4: 2 · (4 + 8) = 24.
+    # Flat: 7 tokens + (1 + 9 + 9)/2 pairs = 16.5, plus RUN_COST per call, 2 calls (lengths 1 and 3).
+    _, mask = right_padded([3, 1, 3])
+    monkeypatch.setattr(P, "RUN_COST", 2.0)  # 16.5 + 4 = 20.5 < 21.4
+    assert P.plan(mask, kappa=2.0, flat=True).spans is not None
+    monkeypatch.setattr(P, "RUN_COST", 3.0)  # 16.5 + 6 = 22.5: nothing pays, the padded forward runs
+    assert P.plan(mask, kappa=2.0, flat=True) is None
+    # a shared prompt of 2 with responses of 1 and 2: 3 calls (the prompt, each length)
+    ids = torch.tensor([[5, 6, 7, 0], [5, 6, 8, 9]])
+    segments = P._segments(ids, [3, 4], [0, 0], [2, 2])
+    assert P._run_count(segments) == 3
+    assert P._run_count(P._segments(None, [3, 1, 3], [0, 0, 0], None)) == 2
 
 
 def test_response_mask_sees_the_prompt_and_itself():
@@ -255,10 +273,11 @@ def test_response_mask_sees_the_prompt_and_itself():
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_span_attention_with_empty_responses_and_runs_equals_the_padded_forward(tiny, attn):
+def test_span_attention_with_empty_responses_and_runs_equals_the_padded_forward(tiny, attn, monkeypatch):
     """Three rows share a prompt and one of them has no response at all; two responses have the same length (one
     batched run); plus two whole sequences of the same length. Grouped KV heads (4 query, 2 key/value heads)."""
     tiny.config._attn_implementation = attn
+    monkeypatch.setattr(P, "RUN_COST", 0.0)
     g = torch.Generator().manual_seed(9)
     prompt = torch.randint(3, 60, (3,), generator=g).tolist()
     rows = [prompt + torch.randint(3, 60, (n,), generator=g).tolist() for n in (2, 0, 2, 4)]
@@ -294,7 +313,7 @@ def test_flat_rows_are_refused_where_the_span_attention_would_not_run(tiny):
     finally:
         tiny.gradient_checkpointing_disable()
     ids, mask = right_padded([4, 2])
-    p = P.plan(mask, flat=True)
+    p = P._flat_layout(P._segments(None, [4, 2], [0, 0], None), tuple(mask.shape), [0, 0], "cpu")
     inputs = P.forward_inputs(tiny, ids, mask, p)
     with pytest.raises(RuntimeError):  # outside attention_for: sdpa gets the empty mask and fails, never silently
         tiny(**inputs)
