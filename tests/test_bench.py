@@ -87,3 +87,15 @@ def test_vs_trl_smoke():
     assert out.returncode == 0, out.stderr[-2000:]
     for stage in V.STAGES:
         assert f"| {stage} |" in out.stdout
+
+
+def test_packing_script_smoke_and_its_table():
+    import packing as B  # benchmarks/packing.py
+
+    rows = [{"shape": "s", "tokens": 10.0, "padded": 30.0, "rows": 20.0, "default": 15.0, "picked": "flat"}]
+    assert "| s | 10 | 30.0 | 20.0 | 15.0 (flat) | 1.50x | 2.00x |" in B.table(rows, "h")
+    out = subprocess.run([sys.executable, str(BENCH / "packing.py"), "--smoke"], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    for shape in B.SMOKE_SHAPES:
+        assert f"| {shape} |" in out.stdout
