@@ -26,14 +26,15 @@ for k rows) pack tighter, but with a dense mask (sdpa on a CPU) attention costs 
 of least estimated cost, rows·(W + W²/κ), against N·(T + T²/κ) for the padded batch, where κ is what one token
 costs in the linear layers relative to one attention pair, about 2·hidden + 1.5·intermediate (`attention_ratio`).
 
-One flat row (the default where the model allows it, `flat_attention_ok`): every sequence back to back in a single
-row, and attention computed sequence by sequence instead of through a mask (`span_attention`, registered with
-transformers' attention interface and switched on around the forward by `attention_for`). The linear layers see
-exactly the real tokens, each shared prompt once, and attention costs only the pairs that are visible: a prompt
-attends causally to itself, then each run of same-length responses attends, as one batch, to the prompt's keys
-and its own. Measured on a CPU with the benchmark's 4M-parameter model, forward and backward of a GRPO group of
-8 × (64 + 32..256) tokens: 385 ms flat, 749 ms with the tree mask, 711 ms padded; on DPO's short pairs (8-32 +
-9-64 tokens) the packed rows were already 96% full, and flat and tree take the same time.
+One flat row (a third candidate of `plan`, where the model allows it: `flat_attention_ok`): every sequence back to
+back in a single row, and attention computed sequence by sequence instead of through a mask (`span_attention`,
+registered with transformers' attention interface and switched on around the forward by `attention_for`). The
+linear layers see exactly the real tokens, each shared prompt once, and attention costs only the visible pairs: a
+prompt attends causally to itself, then each run of same-length responses attends, as one batch, to the prompt's
+keys and its own. Each attention call costs about RUN_COST tokens' worth, so `plan` takes the flat row only when
+tokens + pairs/κ + RUN_COST·calls is the least. benchmarks/packing.py, forward and backward on a CPU with the
+benchmark's 4.3M-parameter model: a GRPO group of 8 × (64 + 64..256) tokens 1.69x faster than padded (the packed
+rows with a tree mask: 1.25x); DPO's and SFT's short rows keep the packed rows, which cost the same there.
 
 This is not packing across the data set (`data.pack_examples`, which changes what a batch holds): the examples of a
 step are the same either way, so the loss and the gradient are the same up to the order of float sums;
