@@ -158,6 +158,21 @@ def test_shared_prompt_layout_and_tree_mask():
     assert P.plan(mask, ids=different, prefix_lengths=torch.tensor([2, 2])) is None  # 3 + 4 in a row of 8: no gain
 
 
+def assert_logprobs_and_gradients_match_padded(model, ids, mask, real, prefix=None):
+    """`token_logprobs` with `padding_free` (whatever the plan picks) against the padded forward: log-probs at the
+    `real` (N, T-1) positions and every parameter's gradient of their sum."""
+    def run(padding_free):
+        model.zero_grad()
+        lp = P.token_logprobs(model, ids, mask, padding_free=padding_free, prefix_lengths=prefix)
+        (lp * real).sum().backward()
+        return lp * real, [q.grad.clone() for q in model.parameters()]
+
+    packed, padded = run(True), run(False)
+    torch.testing.assert_close(packed[0], padded[0], atol=1e-5, rtol=1e-5)
+    for a, b in zip(packed[1], padded[1]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
 def pair_batch(seed=0):
     """collate_pairs-shaped rows: B chosen then B rejected, each prompt + completion, right-padded."""
     from tether.data import PairExample, collate_pairs
@@ -178,19 +193,8 @@ def test_shared_prompts_give_the_padded_logprobs_and_gradients(tiny, attn, layou
     p = P.plan(mask, P.attention_ratio(tiny.config), ids=ids, prefix_lengths=prefix)
     assert p is not None and p.visible is not None and len(p.jump_cols) == 4
     assert (P.plan_for(tiny, ids, mask, prefix).spans is not None) == (layout == "flat")
-    real = batch["response_mask"][:, 1:].float()
-
-    def run(padding_free):
-        tiny.zero_grad()
-        lp = P.token_logprobs(tiny, ids, mask, padding_free=padding_free, prefix_lengths=prefix)
-        (lp * real).sum().backward()
-        return lp * real, [q.grad.clone() for q in tiny.parameters()]
-
-    shared, padded = run(True), run(False)
+    assert_logprobs_and_gradients_match_padded(tiny, ids, mask, batch["response_mask"][:, 1:].float(), prefix)
     tiny.config._attn_implementation = "sdpa"
-    torch.testing.assert_close(shared[0], padded[0], atol=1e-5, rtol=1e-5)
-    for a, b in zip(shared[1], padded[1]):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
 def test_a_group_of_rollouts_shares_its_left_padded_prompt(tiny, layout):
@@ -289,20 +293,9 @@ def test_span_attention_with_empty_responses_and_runs_equals_the_padded_forward(
     prefix = torch.tensor([3, 3, 3, 3, 0, 0])
     p = P.plan_for(tiny, ids, mask, prefix)
     assert p.spans.runs() == [(0, 5, 2), (3, 3, 0), (3, 2, 2), (3, 4, 1)]
-    real = (mask[:, 1:] * mask[:, :-1]).float()
-
-    def run(padding_free):
-        tiny.zero_grad()
-        lp = P.token_logprobs(tiny, ids, mask, padding_free=padding_free, prefix_lengths=prefix)
-        (lp * real).sum().backward()
-        return lp * real, [q.grad.clone() for q in tiny.parameters()]
-
-    flat, padded = run(True), run(False)
-    tiny.config._attn_implementation = "sdpa"
     assert tiny.config.num_key_value_heads < tiny.config.num_attention_heads
-    torch.testing.assert_close(flat[0], padded[0], atol=1e-5, rtol=1e-5)
-    for a, b in zip(flat[1], padded[1]):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    assert_logprobs_and_gradients_match_padded(tiny, ids, mask, (mask[:, 1:] * mask[:, :-1]).float(), prefix)
+    tiny.config._attn_implementation = "sdpa"
 
 
 def test_flat_rows_are_refused_where_the_span_attention_would_not_run(tiny):
