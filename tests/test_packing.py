@@ -241,13 +241,13 @@ def test_flat_layout_puts_sequences_back_to_back_with_their_spans(monkeypatch):
     assert (p.rows, p.width, p.visible) == (1, 5, None)
     assert P.pack(ids, p).tolist() == [[5, 6, 7, 8, 9]] and p.position_ids.tolist() == [[0, 1, 2, 2, 3]]
     assert p.spans.segments == [(0, 2, (1, 2))]
-    assert p.spans.runs() == [(2, 2, 0), (2, 1, 1), (2, 2, 1)]  # the prompt, then each run of responses
+    assert p.spans.runs == [(2, 2, 0), (2, 1, 1), (2, 2, 1)]  # the prompt, then each run of responses
     assert p.jump_cols.tolist() == [3] and p.jump_parents.tolist() == [1]
     # whole sequences of lengths 3, 1, 3: ordered by length, the two 3s one run: [x] [a b c] [d e f]
     ids, mask = right_padded([3, 1, 3])
     p = P.plan(mask, flat=True)
     assert p.spans.segments == [(0, 0, (1,)), (1, 0, (3,)), (4, 0, (3,))]
-    assert p.spans.runs() == [(0, 1, 1), (0, 3, 2)]
+    assert p.spans.runs == [(0, 1, 1), (0, 3, 2)]
     assert p.position_ids.tolist() == [[0, 0, 1, 2, 0, 1, 2]]
     assert torch.equal(P.unpack(P.pack(ids, p), p), ids)
     assert P.plan(torch.ones(3, 4, dtype=torch.long), flat=True) is None  # nothing to save: the padded forward
@@ -265,12 +265,12 @@ def test_the_plan_takes_the_flat_row_when_it_costs_least(monkeypatch):
     # a shared prompt of 2 with responses of 1 and 2: 3 calls (the prompt, each length)
     ids = torch.tensor([[5, 6, 7, 0], [5, 6, 8, 9]])
     segments = P._segments(ids, [3, 4], [0, 0], [2, 2])
-    assert P._run_count(segments) == 3
-    assert P._run_count(P._segments(None, [3, 1, 3], [0, 0, 0], None)) == 2
+    assert P._span_runs(P._flat_order(segments)) == [(2, 2, 0), (2, 1, 1), (2, 2, 1)]
+    assert len(P._span_runs(P._flat_order(P._segments(None, [3, 1, 3], [0, 0, 0], None)))) == 2
 
 
 def test_response_mask_sees_the_prompt_and_itself():
-    spans = P.Spans([(0, 2, (3,))])
+    spans = P.Spans([(0, 2, (3,))], [(2, 2, 0), (2, 3, 1)])
     assert spans.response_mask(2, 3, "cpu").int().tolist() == [[1, 1, 1, 0, 0],
                                                              [1, 1, 1, 1, 0],
                                                              [1, 1, 1, 1, 1]]
@@ -292,7 +292,7 @@ def test_span_attention_with_empty_responses_and_runs_equals_the_padded_forward(
     mask = pad_sequences([[1] * len(r) for r in rows], 0)
     prefix = torch.tensor([3, 3, 3, 3, 0, 0])
     p = P.plan_for(tiny, ids, mask, prefix)
-    assert p.spans.runs() == [(0, 5, 2), (3, 3, 0), (3, 2, 2), (3, 4, 1)]
+    assert p.spans.runs == [(0, 5, 2), (3, 3, 0), (3, 2, 2), (3, 4, 1)]
     assert tiny.config.num_key_value_heads < tiny.config.num_attention_heads
     assert_logprobs_and_gradients_match_padded(tiny, ids, mask, (mask[:, 1:] * mask[:, :-1]).float(), prefix)
     tiny.config._attn_implementation = "sdpa"
@@ -306,7 +306,8 @@ def test_flat_rows_are_refused_where_the_span_attention_would_not_run(tiny):
     finally:
         tiny.gradient_checkpointing_disable()
     ids, mask = right_padded([4, 2])
-    p = P._flat_layout(P._segments(None, [4, 2], [0, 0], None), tuple(mask.shape), [0, 0], "cpu")
+    ordered = P._flat_order(P._segments(None, [4, 2], [0, 0], None))
+    p = P._flat_layout(ordered, P._span_runs(ordered), tuple(mask.shape), [0, 0], "cpu")
     inputs = P.forward_inputs(tiny, ids, mask, p)
     with pytest.raises(RuntimeError):  # outside attention_for: sdpa gets the empty mask and fails, never silently
         tiny(**inputs)
@@ -314,3 +315,16 @@ def test_flat_rows_are_refused_where_the_span_attention_would_not_run(tiny):
         assert tiny.config._attn_implementation == P.SPAN_ATTENTION
         tiny(**inputs)
     assert tiny.config._attn_implementation == "sdpa"
+
+
+def test_a_second_model_that_cannot_run_a_flat_row_keeps_packed_rows(tiny, monkeypatch):
+    """PPO's policy and value share one forward: a value model without the span attention turns the flat row off for
+    both, not packing as a whole."""
+    monkeypatch.setattr(P, "RUN_COST", 0.0)
+    other = tiny_causal_lm(tiny_tokenizer(), seed=4, hidden=32)
+    other.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    _, mask = right_padded([6, 2, 3, 5])
+    ids = torch.randint(3, 60, mask.shape) * mask
+    assert P.plan_for(tiny, ids, mask).spans is not None
+    p = P.plan_for(tiny, ids, mask, also=(other,))
+    assert p is not None and p.spans is None and p.rows < len(ids)

@@ -72,31 +72,13 @@ class Packing:
 
 @dataclass
 class Spans:
-    """Who attends to whom in one flat row: per segment (start, prefix, suffix lengths). A segment is a causal
-    sequence (prefix 0, one suffix) or a shared prompt then its responses, each response seeing the prompt and
-    itself. Segments of the same shape sit next to each other, so `span_attention` runs them as one batch."""
+    """Who attends to whom in one flat row: per segment (start, prefix, suffix lengths), and `runs`, the row cut into
+    the attention calls of `span_attention` (`_span_runs`). A segment is a causal sequence (prefix 0, one suffix) or
+    a shared prompt then its responses, each response seeing the prompt and itself."""
 
     segments: list[tuple[int, int, tuple[int, ...]]]
-    masks: dict = field(default_factory=dict, repr=False)  # cached runs and (length, prefix+length) response masks
-
-    def runs(self) -> list[tuple[int, int, int]]:
-        """The row cut into runs for attention, in order: (prefix, length, count). A shared prompt is (p, p, 0);
-        then each run of its same-length responses (p, length, count); a run of whole sequences is (0, length,
-        count). Zero-length responses are dropped (they hold no token)."""
-        if "runs" not in self.masks:
-            out: list[list[int]] = []
-            for _, prefix, suffixes in self.segments:
-                if prefix:
-                    out.append([prefix, prefix, 0])
-                    for length, count in _equal_runs(suffixes):
-                        if length:
-                            out.append([prefix, length, count])
-                elif out and out[-1][:2] == [0, suffixes[0]]:
-                    out[-1][2] += 1
-                else:
-                    out.append([0, suffixes[0], 1])
-            self.masks["runs"] = [tuple(r) for r in out]
-        return self.masks["runs"]
+    runs: list[tuple[int, int, int]]
+    masks: dict = field(default_factory=dict, repr=False)  # (prefix, length, device) -> response mask
 
     def response_mask(self, prefix: int, length: int, device) -> torch.Tensor:
         """(length, prefix+length): a response's token i sees the whole prompt and its own tokens up to i."""
@@ -211,39 +193,55 @@ def plan(mask: torch.Tensor, kappa: float = float("inf"), min_saving: float = 0.
         if rows < n_rows and cost(rows, width) < best_cost:
             best, best_cost = (width, rows, where), cost(rows, width)
     if flat and segments:
+        ordered = _flat_order(segments)
+        runs = _span_runs(ordered)
         pairs = sum(g.prefix * g.prefix + sum(n * (g.prefix + n) for n in g.suffixes) for g in segments)
-        if sum(sizes) + pairs / kappa + RUN_COST * _run_count(segments) <= best_cost:  # a tie: no mask to build
-            return _flat_layout(segments, (n_rows, padded_width), starts, mask.device)
+        if sum(sizes) + pairs / kappa + RUN_COST * len(runs) <= best_cost:  # a tie: no mask to build
+            return _flat_layout(ordered, runs, (n_rows, padded_width), starts, mask.device)
     if best is None:
         return None
     width, rows, where = best
     return _layout(segments, where, (n_rows, padded_width), width, rows, starts, mask.device)
 
 
-RUN_COST = 8.0  # one more attention call of a flat row, in tokens through the linear layers: measured 5-10 (forward
-#                and backward, 4-layer models of hidden 64-256 on a CPU, benchmarks/packing.py)
+RUN_COST = 8.0  # one more attention call of a flat row, in tokens through the linear layers. Measured once, not in
+#  a script of the repo: forward + backward of 512 tokens as 31 runs of distinct lengths against one padded batch of
+#  8-token rows, 4-layer Llama shapes on 2 CPU threads: 9.6 tokens (hidden 64), 9.6 (128), 5.0 (256)
 
 
-def _run_count(segments: list[_Segment]) -> int:
-    """How many attention calls `span_attention` makes for these segments (see `Spans.runs`): per shared prompt one,
-    plus one per distinct response length; one per distinct length of the whole sequences."""
-    wholes = {g.suffixes[0] for g in segments if not g.prefix}
-    return len(wholes) + sum(1 + len({n for n in g.suffixes if n}) for g in segments if g.prefix)
-
-
-def _flat_layout(segments: list[_Segment], shape, starts: list[int], device) -> Packing:
-    """All segments in one row, back to back, those of the same shape next to each other (and in each segment the
-    responses of the same length), so that `span_attention` batches them."""
+def _flat_order(segments: list[_Segment]) -> list[_Segment]:
+    """Segments of the same shape next to each other, and in each segment the responses of the same length, so that
+    `span_attention` batches them."""
     ordered = []
     for g in segments:
         order = sorted(range(len(g.rows)), key=lambda j: g.suffixes[j])
         ordered.append(_Segment([g.rows[j] for j in order], g.prefix, [g.suffixes[j] for j in order]))
-    ordered.sort(key=lambda g: (g.prefix, len(g.suffixes), g.suffixes))
+    return sorted(ordered, key=lambda g: (g.prefix, len(g.suffixes), g.suffixes))
+
+
+def _span_runs(ordered: list[_Segment]) -> list[tuple[int, int, int]]:
+    """The attention calls over ordered segments, in row order: (prefix, length, count). A shared prompt is (p, p, 0),
+    then each run of its same-length responses (p, length, count); neighbouring whole sequences of one length are
+    one run (0, length, count). Zero-length responses hold no token and get no call."""
+    out: list[list[int]] = []
+    for g in ordered:
+        if g.prefix:
+            out.append([g.prefix, g.prefix, 0])
+            out += [[g.prefix, length, count] for length, count in _equal_runs(g.suffixes) if length]
+        elif out and out[-1][:2] == [0, g.suffixes[0]]:
+            out[-1][2] += 1
+        else:
+            out.append([0, g.suffixes[0], 1])
+    return [(p, n, c) for p, n, c in out]
+
+
+def _flat_layout(ordered: list[_Segment], runs, shape, starts: list[int], device) -> Packing:
+    """The ordered segments in one row, back to back, with their spans."""
     offsets = [0]
     for g in ordered:
         offsets.append(offsets[-1] + g.length)
     p = _layout(ordered, [(0, o) for o in offsets[:-1]], shape, offsets[-1], 1, starts, device, tree=False)
-    p.spans = Spans([(o, g.prefix, tuple(g.suffixes)) for o, g in zip(offsets, ordered)])
+    p.spans = Spans([(o, g.prefix, tuple(g.suffixes)) for o, g in zip(offsets, ordered)], runs)
     return p
 
 
@@ -341,7 +339,7 @@ def span_attention(module, query, key, value, attention_mask, dropout: float = 0
     not sliced piece by piece (each slice's backward writes a gradient the size of the whole row)."""
     if tether_spans is None:
         raise RuntimeError("span attention runs only on a flat row from packing.plan(flat=True): no tether_spans given")
-    runs = tether_spans.runs()
+    runs = tether_spans.runs
     longest = max(prefix + length for prefix, length, _ in runs)
     if sliding_window is not None and sliding_window < longest:
         raise ValueError(f"a sliding window of {sliding_window} is shorter than a sequence of {longest} tokens")
@@ -419,14 +417,16 @@ def shares_prompts(config) -> bool:
 
 
 def plan_for(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prefix_lengths: torch.Tensor | None = None,
-             padding_free: bool = True) -> Packing | None:
-    """`plan` with the model's κ, sharing prompts where the model's attention allows it; None when switched off."""
+             padding_free: bool = True, also=()) -> Packing | None:
+    """`plan` with the model's κ, sharing prompts where the model's attention allows it, a flat row where it and the
+    models in `also` (others the same forward runs) all take one; None when switched off."""
     if not padding_free:
         return None
     config = _config(model)
     share = prefix_lengths is not None and shares_prompts(config)
     return plan(attention_mask, attention_ratio(config), ids=input_ids if share else None,
-                prefix_lengths=prefix_lengths if share else None, flat=flat_attention_ok(model))
+                prefix_lengths=prefix_lengths if share else None,
+                flat=all(flat_attention_ok(m) for m in (model, *also)))
 
 
 def packed_attention_mask(p: Packing, model) -> torch.Tensor | None:
@@ -488,8 +488,7 @@ def padded_outputs(forward, model, input_ids: torch.Tensor, attention_mask: torc
 
     For outputs at a position that depend only on the tokens up to it in its own sequence (logits, values): packed,
     each real position sees exactly what it sees in the padded batch."""
-    p = plan_for(model, input_ids, attention_mask, None, padding_free and all(flat_attention_ok(m) == flat_attention_ok(
-        model) for m in also))
+    p = plan_for(model, input_ids, attention_mask, None, padding_free, also)
     with attention_for(p, model, *also):
         out = forward(**forward_inputs(model, input_ids, attention_mask, p))
     if p is None:
