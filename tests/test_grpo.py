@@ -76,15 +76,3 @@ def test_weights_and_several_rewards(setup):
     with pytest.raises(Exception, match="reward_weights"):
         cfg_for(setup, rewards=LENGTH_REWARD, reward_weights="1,2").validate() or G.build_rewards(
             cfg_for(setup, rewards=LENGTH_REWARD, reward_weights="1,2"), None)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("estimator", ["grpo", "rloo"])
-def test_arithmetic_accuracy_rises_by_thirty_points(tmp_path, estimator):
-    """Done-when check for RLVR with the defaults: held-out greedy exact match on `arithmetic` up by >= 30 points (or
-    to >= 90%). Measured: GRPO 0.475 -> 0.80, RLOO 0.475 -> 0.83 (150 steps, about 3 minutes on one core)."""
-    cfg = load_config(G.GRPOConfig, None, {"task": "arithmetic", "estimator": estimator, "out": str(tmp_path / "run"),
-                                           "progress": False})
-    summary = G.run(cfg)
-    assert summary["accuracy_end"] - summary["accuracy_start"] >= 0.30 or summary["accuracy_end"] >= 0.90, summary
-    assert summary["kl_end"] < 1.0  # the verifier was met by learning to carry, not by drifting far from the base

@@ -1,6 +1,7 @@
 """The `arithmetic` task: the systematic error, the verifier's edge cases, disjoint splits, a loadable base model."""
 
 import pytest
+import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tether.tasks import arithmetic as A
@@ -45,3 +46,16 @@ def test_tokenizer_round_trip_and_tiny_build(tmp_path):
     tok = AutoTokenizer.from_pretrained(path)
     ids = tok("What is 12+34?", return_tensors="pt").input_ids
     assert model.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=0).shape[1] == ids.shape[1] + 2
+
+
+def test_two_builds_are_byte_identical_whatever_the_callers_threads(tmp_path):
+    small = {"examples": 200, "steps": 4, "batch": 8, "hidden": 32, "layers": 1}
+    before = torch.get_num_threads()
+    try:
+        for threads, name in [(1, "a"), (3, "b")]:
+            torch.set_num_threads(threads)
+            A.build_base(tmp_path / name, seed=1, **small)
+    finally:
+        torch.set_num_threads(before)
+    files = {name: {p.name: p.read_bytes() for p in (tmp_path / name).iterdir()} for name in "ab"}
+    assert "model.safetensors" in files["a"] and files["a"] == files["b"]

@@ -90,3 +90,41 @@ def test_tiny_base_builds_loads_and_generates(tmp_path):
     out = model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=tok.pad_token_id)
     assert out.shape[1] == ids.shape[1] + 3
     assert R.build_base(tmp_path / "base") == path  # cached: returned without rebuilding
+
+
+def test_bpe_merges_by_hand():
+    """aab ×3, ab ×2, b ×1 start as [a ##a ##b], [a ##b], [b]. Step 1: (a, ##a) and (##a, ##b) both count 3; the
+    lexicographically smaller, (##a, ##b), wins -> ##ab. Step 2: (a, ##ab) 3 -> aab. Step 3: (a, ##b) 2 -> ab."""
+    vocab, merges = R.bpe_merges({"aab": 3, "ab": 2, "b": 1}, vocab_size=100)
+    assert vocab == ["##a", "##b", "a", "b", "##ab", "aab", "ab"]
+    assert merges == [("##a", "##b"), ("a", "##ab"), ("a", "##b")]
+    assert R.bpe_merges({"b": 1, "ab": 2, "aab": 3}, vocab_size=100) == (vocab, merges)  # insertion order is moot
+    assert R.bpe_merges({"aab": 3, "ab": 2, "b": 1}, vocab_size=5)[0] == vocab[:5]  # stops at the vocabulary size
+
+
+def test_tokenizer_depends_on_the_corpus_alone(tmp_path):
+    texts = R.corpus(500, seed=3)
+    first, again = R.train_tokenizer(texts, 300), R.train_tokenizer(list(reversed(texts)), 300)
+    first.save_pretrained(tmp_path / "a")
+    again.save_pretrained(tmp_path / "b")
+    assert (tmp_path / "a" / "tokenizer.json").read_bytes() == (tmp_path / "b" / "tokenizer.json").read_bytes()
+    ids = first("the film was very good !").input_ids
+    assert first.convert_ids_to_tokens(ids) == ["the", "film", "was", "very", "good", "!"]  # whole words
+    assert first.convert_ids_to_tokens(first("zebra").input_ids)[0] == "<unk>"  # z never occurs in the corpus
+
+
+def test_two_builds_are_byte_identical_whatever_the_callers_threads(tmp_path):
+    """The build pins its own thread count: a caller on 1 thread and one on 3 get the same files, byte for byte."""
+    small = {"corpus": 400, "steps": 4, "batch": 4, "vocab": 200, "hidden": 32, "layers": 1}
+    before = torch.get_num_threads()
+    try:
+        for threads, name in [(1, "a"), (3, "b")]:
+            torch.set_num_threads(threads)
+            R.build_base(tmp_path / name, seed=1, **small)
+            assert torch.get_num_threads() == threads  # restored after the build
+    finally:
+        torch.set_num_threads(before)
+    files = {name: {p.name: p.read_bytes() for p in (tmp_path / name).iterdir()} for name in "ab"}
+    assert "model.safetensors" in files["a"] and files["a"] == files["b"]
+    other = R.build_base(tmp_path / "c", seed=2, **small)
+    assert (other / "model.safetensors").read_bytes() != files["a"]["model.safetensors"]  # the seed matters

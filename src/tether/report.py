@@ -16,8 +16,8 @@ import json
 import math
 from pathlib import Path
 
-POLICY_STAGES = ("ppo", "ppo_nokl", "dpo")  # stages that train a policy and report gold/KL start and end
-LABELS = {"ppo": "PPO", "ppo_nokl": "PPO, β = 0, weak proxy", "dpo": "DPO", "sft": "SFT", "rm": "reward model",
+POLICY_STAGES = ("ppo", "ppo_nokl", "dpo", "ipo")  # stages that train a policy and report gold/KL start and end
+LABELS = {"ppo": "PPO", "ppo_nokl": "PPO, β = 0, weak proxy", "dpo": "DPO", "ipo": "IPO", "sft": "SFT", "rm": "reward model",
           "rm_small": "weak proxy RM"}
 
 
@@ -41,7 +41,7 @@ def load_stage(stage_dir: Path) -> dict | None:
 def load_run(out_dir: str | Path) -> dict[str, dict]:
     """{stage name: load_stage(...)} for every finished stage under out_dir, in a fixed order."""
     out_dir = Path(out_dir)
-    order = ["sft", "rm", "ppo", "dpo", "rm_small", "ppo_nokl"]
+    order = ["sft", "rm", "ppo", "dpo", "ipo", "rm_small", "ppo_nokl"]
     names = order + sorted(p.name for p in out_dir.iterdir() if p.is_dir() and p.name not in order)
     stages = {name: load_stage(out_dir / name) for name in names if (out_dir / name).is_dir()}
     return {k: v for k, v in stages.items() if v is not None}

@@ -67,6 +67,7 @@ class LoopBase:
     poll_seconds: float = opt(5.0, "human: how often the loop checks whether the round is labelled")
     n_sft: int = opt(2000, "demonstrations from the task for the setup SFT (only when `model` is empty)")
     seed: int = opt(0, "random seed of every stage and of the simulated raters")
+    base_seed: int = opt(0, "seed of the task's base-model build when `model` is empty (a separate axis from `seed`)")
     progress: bool = opt(True, "show progress bars")
 
     def validate(self) -> None:
@@ -101,7 +102,7 @@ def start_policy(cfg, task) -> str:
     if task is None or not hasattr(task, "sft_demonstrations"):
         raise ConfigError("key 'model' is empty and the task has no demonstrations to fine-tune a start policy on")
     demos = write_jsonl(Path(cfg.out) / "data" / "sft.jsonl", task.sft_demonstrations(cfg.n_sft, cfg.seed))
-    run_stage(cfg, "sft", {"model": str(task.build_base(seed=cfg.seed)), "data": str(demos)})
+    run_stage(cfg, "sft", {"model": str(task.build_base(seed=cfg.base_seed)), "data": str(demos)})
     return str(Path(cfg.out) / "sft" / "model")
 
 

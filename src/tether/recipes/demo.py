@@ -10,7 +10,8 @@ tasks.reviews.write_data (prompts, demonstrations, comparisons labelled by simul
 each in out/<stage> with its own summary.json (a finished stage is skipped when the demo runs again) -> report.html
 and PNGs in `out` (report.py), and a short summary in the terminal.
 
-Stages: sft, rm, ppo (the default), dpo (by name: stages=sft,rm,ppo,dpo) and ppo_nokl (PPO with the KL tether off, to show
+Stages: sft, rm, ppo (the default), dpo and ipo (by name: stages=sft,rm,ppo,dpo,ipo; ipo is the dpo_* settings
+with IPO's loss, τ 0.1) and ppo_nokl (PPO with the KL tether off, to show
 over-optimisation; selected by overopt=true or by name). ppo_nokl optimises a weak proxy, rm_small: the same reward
 model recipe on only the first `overopt_pairs` comparisons (Gao et al.: the fewer comparisons, the sooner the proxy
 is over-optimised). Measured: against the full RM, β = 0 reaches the gold plateau of β = 0.05 at a higher KL (gold
@@ -38,6 +39,7 @@ log = logging.getLogger(__name__)
 DEMO_STAGES: dict[str, Stage] = {**STAGES}
 if importlib.util.find_spec("tether.recipes.dpo") is not None:
     DEMO_STAGES["dpo"] = Stage("dpo", "tether.recipes.dpo", "DPOConfig")
+    DEMO_STAGES["ipo"] = Stage("dpo", "tether.recipes.dpo", "DPOConfig")  # the dpo_* settings with IPO's loss
 DEMO_STAGES["rm_small"] = Stage("rm", "tether.recipes.reward", "RewardConfig")
 DEMO_STAGES["ppo_nokl"] = Stage("ppo", "tether.recipes.ppo", "PPOConfig")
 
@@ -68,7 +70,10 @@ DEMO_DEFAULTS = {
     "dpo_batch_size": 32,
     "dpo_max_prompt_len": 32,
     "dpo_max_completion_len": 64,
+    "dpo_n_eval_prompts": 128,  # x 4 samples: 512 held-out samples, as for PPO
+    "dpo_eval_samples": 4,
 }
+IPO_OVERRIDES = {"loss": "ipo", "beta": 0.1}  # the ipo stage: τ 0.1 with the dpo_* schedule
 
 
 @dataclass
@@ -76,7 +81,7 @@ class DemoBase(PipelineBase):
     out: str = opt("runs/demo", "run directory: data/, one subdirectory per stage, report.html")
     model: str = opt("", "base model (default: tasks.reviews.build_base(), built once and cached)")
     task: str = opt("reviews", "the embedded task (the demo's data and gold reward come from it)")
-    stages: str = opt("", "stages to run in order (default: sft,rm,ppo; add dpo or ppo_nokl by name)")
+    stages: str = opt("", "stages to run in order (default: sft,rm,ppo; add dpo, ipo or ppo_nokl by name)")
     overopt: bool = opt(False, "also run ppo_nokl: PPO with β = 0, to show over-optimisation")
     nokl_max_steps: int = opt(120, "PPO steps of the β = 0 run")
     overopt_pairs: int = opt(500, "comparisons the β = 0 run's weak proxy reward model (rm_small) is trained on")
@@ -105,7 +110,7 @@ def prepare(cfg) -> Path:
 
     task = get_task(cfg.task)
     if not cfg.model:
-        cfg.model = str(task.build_base(seed=cfg.seed))
+        cfg.model = str(task.build_base(seed=cfg.base_seed))
     data = Path(cfg.out) / "data"
     if not (data / "prefs.jsonl").exists():
         task.write_data(data, n_sft=cfg.n_sft, n_pairs=cfg.n_pairs, n_rankings=0, seed=cfg.seed,
@@ -128,6 +133,8 @@ def stage_overrides(cfg, name: str) -> dict | None:
             lines = Path(cfg.rm_data).read_text().splitlines(keepends=True)
             small.write_text("".join(lines[: cfg.overopt_pairs]))
         return {"data": str(small)}
+    if name == "ipo":
+        return IPO_OVERRIDES
     if name == "ppo_nokl":
         return {"kl_coef": 0.0, "max_steps": cfg.nokl_max_steps, "reward": f"rm:{Path(cfg.out) / 'rm_small'}"}
     return None

@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 class GRPOConfig(TrainConfig):
     model: str = opt("", "policy to train (default: the task's base model, built if missing)")
     task: str = opt("arithmetic", "embedded task giving prompts and the verifier: arithmetic | reviews | none")
+    base_seed: int = opt(0, "seed of the task's base-model build when `model` is empty (a separate axis from `seed`)")
     prompts: str = opt("", "training prompts with answers/tests (verifiable records); default: the task's")
     eval_prompts: str = opt("", "held-out prompts (default: the task's test split)")
     rewards: str = opt("task", "comma list of reward specs: task, math, format, code, python:mod:fn, rm:DIR")
@@ -225,7 +226,7 @@ def run(cfg: GRPOConfig) -> dict:
     if not cfg.model:
         if task is None:
             raise ConfigError("grpo needs model=DIR or task=NAME")
-        cfg.model = str(task.build_base(seed=cfg.seed))
+        cfg.model = str(task.build_base(seed=cfg.base_seed))
     engine = Engine(cfg, "grpo")
     tokenizer = load_tokenizer(cfg.model)
     model = load_causal_lm(cfg.model, LoraSettings.from_config(cfg))

@@ -66,6 +66,7 @@ class PipelineBase:
     task: str = opt("", "embedded task (reviews, arithmetic): gold reward for rm eval and PPO, PPO prompts")
     stages: str = opt("sft,rm,ppo", "stages to run, in order (comma list)")
     seed: int = opt(0, "random seed of every stage")
+    base_seed: int = opt(0, "seed of the task's base-model build when `model` is empty (a separate axis from `seed`)")
     progress: bool = opt(True, "show progress bars")
 
     def validate(self) -> None:

@@ -1,7 +1,12 @@
 """Pretraining a tiny causal LM on a generated corpus, and the cache the embedded tasks build into.
 
 This is not a recipe: it is how an embedded task makes its *base model* (what a downloaded checkpoint would be
-elsewhere). A short, plain AdamW loop over packed token blocks, deterministic for a seed.
+elsewhere). A short, plain AdamW loop over packed token blocks.
+
+A build is a function of its settings and seed alone: `pinned_threads` runs it on BUILD_THREADS threads with torch's
+deterministic algorithms, whatever the caller's thread count (the same 60 steps gave other weights on 1 thread than
+on 2: float sums are split by thread count), and the reviews tokenizer has a fixed merge order. Two builds on
+machines of one kind are byte-identical (tests/test_tasks_reviews.py, tests/test_tasks_arithmetic.py).
 """
 
 from __future__ import annotations
@@ -13,7 +18,8 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -30,6 +36,22 @@ def cache_dir(task: str, settings: dict) -> Path:
     return cache_root() / f"{task}-{digest}"
 
 
+BUILD_THREADS = 2  # the build's torch thread count, fixed so every machine computes the same sums
+
+
+@contextmanager
+def pinned_threads(threads: int = BUILD_THREADS) -> Iterator[None]:
+    """Run a block on `threads` torch threads with deterministic algorithms; restore both afterwards."""
+    before, strict = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+        torch.use_deterministic_algorithms(strict)
+
+
 def build_cached(target: Path, build: Callable[[Path], None], force: bool = False) -> Path:
     """Build into a temporary sibling and rename, so an interrupted build never leaves a half cache."""
     if target.exists() and not force:
@@ -37,7 +59,8 @@ def build_cached(target: Path, build: Callable[[Path], None], force: bool = Fals
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
     try:
-        build(tmp)
+        with pinned_threads():
+            build(tmp)
         if target.exists():
             shutil.rmtree(target)
         tmp.rename(target)

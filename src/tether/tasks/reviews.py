@@ -31,11 +31,9 @@ import random
 import re
 from pathlib import Path
 
-import torch
-
 from tether.tasks.pretrain import build_cached, cache_dir, pack_blocks, pretrain, tiny_llama
 
-VERSION = 1
+VERSION = 2  # 2: a fixed BPE merge order and a pinned build thread count (byte-identical builds)
 STRONG_POS = ["wonderful", "brilliant", "superb", "amazing", "excellent", "moving", "beautiful", "perfect"]
 WEAK_POS = ["good", "nice", "fine", "pleasant", "decent", "fun", "solid", "charming"]
 WEAK_NEG = ["dull", "weak", "slow", "bland", "messy", "flat", "silly", "forgettable"]
@@ -250,17 +248,62 @@ SETTINGS = {"version": VERSION, "corpus": 60000, "vocab": 600, "hidden": 128, "l
 CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }}{% if not loop.last %} {% endif %}{% endfor %}"
 
 
+def bpe_merges(word_counts: dict[str, int], vocab_size: int, prefix: str = "##") -> tuple[list[str], list]:
+    """Byte-pair encoding's merge loop (Sennrich et al. 2016, section 3.1) with a fixed tie-break.
+
+    A word starts as its characters, every one after the first marked as a continuation (`prefix`). Each step merges
+    the most frequent adjacent pair, counted over word frequencies; among equally frequent pairs the lexicographically
+    smallest wins, so the result depends on the corpus alone (the `tokenizers` trainer breaks ties in hash order,
+    and gave a different vocabulary on every build). Stops at `vocab_size` symbols or when no pair is left.
+    Returns the symbols in the order they were added (alphabet sorted, then merge products) and the merges in rank
+    order."""
+    words = {w: [w[0]] + [prefix + c for c in w[1:]] for w in sorted(word_counts)}
+    vocab = sorted({s for symbols in words.values() for s in symbols})
+    known, merges = set(vocab), []
+    while len(vocab) < vocab_size:
+        pairs: dict[tuple[str, str], int] = {}
+        for w, symbols in words.items():
+            for pair in zip(symbols, symbols[1:]):
+                pairs[pair] = pairs.get(pair, 0) + word_counts[w]
+        if not pairs:
+            break
+        a, b = min(pairs, key=lambda p: (-pairs[p], p))
+        merged = a + b[len(prefix):]
+        merges.append((a, b))
+        if merged not in known:
+            known.add(merged)
+            vocab.append(merged)
+        for w, symbols in words.items():
+            i, out = 0, []
+            while i < len(symbols):
+                if i + 1 < len(symbols) and symbols[i] == a and symbols[i + 1] == b:
+                    out.append(merged)
+                    i += 2
+                else:
+                    out.append(symbols[i])
+                    i += 1
+            words[w] = out
+    return vocab, merges
+
+
 def train_tokenizer(texts: list[str], vocab_size: int):
-    """BPE over whitespace/punctuation words with <pad>=0, <eos>=1, <unk>=2 and a plain-text chat template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    """BPE over whitespace/punctuation words with <pad>=0, <eos>=1, <unk>=2 and a plain-text chat template; the
+    merges come from `bpe_merges`, so the same texts give a byte-identical tokenizer on every machine."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.BPE(unk_token="<unk>", continuing_subword_prefix="##"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    specials = ["<pad>", "<eos>", "<unk>"]
+    split = pre_tokenizers.Whitespace()
+    counts: dict[str, int] = {}
+    for text in texts:
+        for word, _ in split.pre_tokenize_str(text):
+            counts[word] = counts.get(word, 0) + 1
+    symbols, merges = bpe_merges(counts, vocab_size - len(specials))
+    vocab = {t: i for i, t in enumerate(specials + symbols)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", continuing_subword_prefix="##"))
+    tok.add_special_tokens(specials)
+    tok.pre_tokenizer = split
     tok.decoder = decoders.WordPiece(prefix="##")
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<eos>", "<unk>"],
-                                  continuing_subword_prefix="##", show_progress=False)
-    tok.train_from_iterator(texts, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
     fast.chat_template = CHAT_TEMPLATE  # chat and plain prompts mean the same text here
     return fast
@@ -285,8 +328,4 @@ def build_base(out_dir=None, seed: int = 0, force: bool = False, **overrides) ->
     """Tokenizer + pretrained tiny Llama as a normal HF directory, cached by settings (a few minutes on 2 cores)."""
     settings = {**SETTINGS, **overrides}
     target = Path(out_dir) if out_dir else cache_dir("reviews", {**settings, "seed": seed})
-    torch_threads = torch.get_num_threads()
-    try:
-        return build_cached(target, lambda tmp: _build(tmp, seed, settings), force)
-    finally:
-        torch.set_num_threads(torch_threads)
+    return build_cached(target, lambda tmp: _build(tmp, seed, settings), force)
