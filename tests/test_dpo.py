@@ -86,3 +86,27 @@ def test_held_out_evals_and_the_summary_keys(setup):
     for key in ("train_loss", "reward_accuracy", "gold_reward_start", "gold_reward_end", "gold_reward_std_start",
                 "kl_end", "tokens_per_second", "wall_seconds"):
         assert math.isfinite(summary[key]), key
+
+
+def test_rpo_adds_alpha_times_the_chosen_nll(setup):
+    """At step 0 the DPO term is ln 2 (policy = reference), so the logged loss is ln 2 + α·NLL(yw) per token."""
+    run(setup, max_steps=1, rpo_alpha=0.5)
+    first = metrics(setup)[0]
+    assert first["nll_chosen"] > 0
+    assert first["loss"] == pytest.approx(math.log(2) + 0.5 * first["nll_chosen"], abs=1e-5)
+
+
+def test_rankings_train_as_their_pairs(setup):
+    """A 3-way ranking is the C(3,2) = 3 pairs its order implies, the better completion chosen."""
+    from tether.data import write_jsonl
+    from tether.models import load_tokenizer
+
+    write_jsonl(setup / "ranked.jsonl", [{"prompt": "the film was", "completions": ["bad .", "great .", "fine ."],
+                                          "ranking": [1, 2, 0]}] * 4)
+    cfg = load_config(R.DPOConfig, None, {"model": str(setup / "m"), "data": str(setup / "ranked.jsonl")})
+    tok = load_tokenizer(setup / "m")
+    examples = R.encode(cfg, tok, paired=True)
+    decoded = [(tok.decode(e.chosen_ids, skip_special_tokens=True).strip(),
+                tok.decode(e.rejected_ids, skip_special_tokens=True).strip()) for e in examples[:3]]
+    assert len(examples) == 12 and decoded == [("great .", "fine ."), ("great .", "bad ."), ("fine .", "bad .")]
+    assert math.isfinite(run(setup, data=str(setup / "ranked.jsonl"), max_steps=2)["train_loss"])

@@ -54,7 +54,7 @@ def test_config_checks():
 
 
 TINY = {
-    "n_sft": 32, "n_pairs": 32, "sft_max_steps": 2, "sft_batch_size": 8, "rm_max_steps": 2, "rm_batch_size": 8,
+    "n_sft": 32, "n_pairs": 32, "n_rankings": 8, "sft_max_steps": 2, "sft_batch_size": 8, "rm_max_steps": 2, "rm_batch_size": 8,
     "betas_ppo": "0.05", "ppo_max_steps": 2, "ppo_rollout_batch": 8, "ppo_batch_size": 4, "ppo_num_minibatches": 2,
     "ppo_ppo_epochs": 1, "ppo_eval_every": 1, "ppo_n_eval_prompts": 4, "ppo_eval_samples": 1, "ppo_max_new_tokens": 8,
     "betas_dpo": "0.1,0.5", "dpo_max_steps": 2, "dpo_batch_size": 4, "dpo_eval_every": 1, "dpo_n_eval_prompts": 4,

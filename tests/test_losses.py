@@ -191,6 +191,12 @@ def test_dpo_with_policy_equal_reference_is_ln2(fn):
     assert metrics["rewards/margins"].item() == 0.0
 
 
+def test_rpo_nll_by_hand():
+    # summed log-probs -6 over 3 tokens and -2 over 1 token: both -2 per token, so the NLL is 2
+    assert L.rpo_nll(torch.tensor([-6.0, -2.0]), torch.tensor([3, 1])).item() == pytest.approx(2.0)
+    assert L.rpo_nll(torch.tensor([0.0]), torch.tensor([0])).item() == 0.0  # an empty response counts as 1 token
+
+
 def test_dpo_and_cdpo_by_hand():
     loss, metrics = L.dpo_sigmoid_loss(**PAIR, beta=0.1)
     assert loss.item() == pytest.approx(math.log(1 + math.exp(-0.3)))  # −log σ(0.3) = 0.5544

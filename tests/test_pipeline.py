@@ -141,7 +141,8 @@ def test_demo_on_a_tiny_model_runs_every_stage_and_reports(tmp_path):
     extra = {"dpo_max_steps": 2} if "dpo" in DEMO_STAGES else {}
     cfg = load_config(DemoConfig, None, {**extra,
         "out": str(tmp_path / "demo"), "model": str(tmp_path / "base"), "progress": False, "overopt": True,
-        "n_sft": 40, "n_pairs": 40, "sft_max_steps": 2, "rm_max_steps": 2, "ppo_max_steps": 2, "nokl_max_steps": 2,
+        "n_sft": 40, "n_pairs": 40, "n_rankings": 10, "sft_max_steps": 2, "rm_max_steps": 2, "ppo_max_steps": 2,
+        "nokl_max_steps": 2,
         "ppo_rollout_batch": 8, "ppo_num_minibatches": 2, "ppo_batch_size": 8, "ppo_max_new_tokens": 5,
         "ppo_n_eval_prompts": 4, "ppo_eval_samples": 1, "ppo_eval_every": 0})
     summary = demo(cfg)

@@ -261,10 +261,10 @@ def test_rm_score_adds_a_reward_field(trained, files, tmp_path):
 
 def test_data_kind_detection_ties_and_config_errors(files, tmp_path):
     root, base = files
-    assert E.detect_kind(root / "pairs.jsonl") == "pairs" and E.detect_kind(root / "rankings.jsonl") == "rankings"
+    assert D.detect_kind(root / "pairs.jsonl") == "pairs" and D.detect_kind(root / "rankings.jsonl") == "rankings"
     D.write_jsonl(tmp_path / "odd.jsonl", [{"prompt": "x", "completion": "y"}])
     with pytest.raises(D.DataError, match="set data_kind"):
-        E.detect_kind(tmp_path / "odd.jsonl")
+        D.detect_kind(tmp_path / "odd.jsonl")
     D.write_jsonl(tmp_path / "ties.jsonl", [{"prompt": "a", "chosen": "good", "rejected": "good"},
                                             {"prompt": "a", "chosen": "good", "rejected": "bad"}])
     ties = E.load_comparisons(str(tmp_path / "ties.jsonl"), "auto", load_tokenizer(base), None, None)

@@ -370,6 +370,18 @@ def load_records(path: str | Path, kind: str, skip_invalid: bool = False) -> Rec
     return records
 
 
+def detect_kind(path: str | Path) -> str:
+    """'rankings' when the first record has `completions`, 'pairs' when it has `chosen`."""
+    for line, row in read_rows(path):
+        if isinstance(row, dict) and "completions" in row:
+            return "rankings"
+        if isinstance(row, dict) and "chosen" in row:
+            return "pairs"
+        raise DataError("cannot tell pairs from rankings (no 'chosen' or 'completions'); set data_kind",
+                        path, line)
+    raise DataError("no records", path)
+
+
 def write_jsonl(path: str | Path, records: Iterable[dict]) -> Path:
     """One JSON object per line, UTF-8 (non-ASCII kept as it is); creates parent directories; returns the path."""
     path = Path(path)

@@ -200,6 +200,16 @@ def dpo_sigmoid_loss(
     return losses.mean(), _preference_metrics(beta * chosen_ratio, beta * rejected_ratio)
 
 
+def rpo_nll(chosen_logps: Tensor, chosen_lengths: Tensor) -> Tensor:
+    """RPO's NLL term (Pang et al. 2024, "Iterative Reasoning Preference Optimization", eq. 1): the chosen
+    responses' negative log-likelihood per token, −mean_i log πθ(yw_i) / |yw_i|, added to a preference loss with
+    weight α. DPO can raise the margin by lowering both responses' likelihood, which moves probability to text
+    neither response had (on `reviews`: longer answers, where the KL goes); this term holds yw's likelihood up.
+    Shapes: chosen_logps (B,) summed token log-probs, chosen_lengths (B,) token counts -> scalar.
+    """
+    return -(chosen_logps / chosen_lengths.clamp(min=1)).mean()
+
+
 def robust_dpo_loss(
     chosen_logps: Tensor,
     rejected_logps: Tensor,

@@ -86,7 +86,10 @@ class DemoBase(PipelineBase):
     nokl_max_steps: int = opt(120, "PPO steps of the β = 0 run")
     overopt_pairs: int = opt(500, "comparisons the β = 0 run's weak proxy reward model (rm_small) is trained on")
     n_sft: int = opt(2000, "demonstrations written for SFT")
-    n_pairs: int = opt(2000, "comparisons labelled by the simulated raters for the reward model (and DPO)")
+    n_pairs: int = opt(2000, "pairs labelled by the simulated raters (prefs.jsonl: the weak proxy's data; the RM's "
+                            "and DPO's too when n_rankings=0)")
+    n_rankings: int = opt(1000, "4-way rankings by the simulated raters (rankings.jsonl, as many completions as "
+                               "2,000 pairs): the reward model's and DPO's data")
     n_test_pairs: int = opt(1000, "held-out comparisons on the test prompts: the reward model's evaluation set")
     report: bool = opt(True, "write report.html + PNGs and print a summary")
 
@@ -113,11 +116,12 @@ def prepare(cfg) -> Path:
         cfg.model = str(task.build_base(seed=cfg.base_seed))
     data = Path(cfg.out) / "data"
     if not (data / "prefs.jsonl").exists():
-        task.write_data(data, n_sft=cfg.n_sft, n_pairs=cfg.n_pairs, n_rankings=0, seed=cfg.seed,
+        task.write_data(data, n_sft=cfg.n_sft, n_pairs=cfg.n_pairs, n_rankings=cfg.n_rankings, seed=cfg.seed,
                         n_test_pairs=cfg.n_test_pairs)
-    fill = {"sft_data": data / "sft.jsonl", "rm_data": data / "prefs.jsonl", "ppo_prompts": data / "prompts_train.jsonl",
+    comparisons = data / ("rankings.jsonl" if cfg.n_rankings else "prefs.jsonl")
+    fill = {"sft_data": data / "sft.jsonl", "rm_data": comparisons, "ppo_prompts": data / "prompts_train.jsonl",
             "rm_eval_data": data / "prefs_test.jsonl" if cfg.n_test_pairs else "",
-            "ppo_eval_prompts": data / "prompts_test.jsonl", "dpo_data": data / "prefs.jsonl",
+            "ppo_eval_prompts": data / "prompts_test.jsonl", "dpo_data": comparisons,
             "dpo_eval_prompts": data / "prompts_test.jsonl"}
     for key, value in fill.items():
         if hasattr(cfg, key) and not getattr(cfg, key):
@@ -130,7 +134,7 @@ def stage_overrides(cfg, name: str) -> dict | None:
     if name == "rm_small":  # trained on the first overopt_pairs comparisons only
         small = Path(cfg.out) / "data" / "prefs_small.jsonl"
         if not small.exists():
-            lines = Path(cfg.rm_data).read_text().splitlines(keepends=True)
+            lines = (Path(cfg.out) / "data" / "prefs.jsonl").read_text().splitlines(keepends=True)
             small.write_text("".join(lines[: cfg.overopt_pairs]))
         return {"data": str(small)}
     if name == "ipo":

@@ -3,6 +3,7 @@
     tether dpo model=runs/sft/model data=prefs.jsonl beta=0.1                  # sigmoid DPO
     tether dpo model=... data=prefs.jsonl loss=ipo | robust_dpo | hinge | simpo | orpo
     tether dpo model=... data=unpaired.jsonl loss=kto                          # {"prompt","completion","label"}
+    tether dpo model=... data=prefs.jsonl rpo_alpha=1                          # + α·NLL of the chosen (RPO)
     tether dpo model=... data=prefs.jsonl task=reviews eval_every=20           # + gold reward and KL on held-out prompts
     tether dpo online=true model=... task=reviews label_source=raters rounds=4  # online/iterative DPO (online_dpo.py)
 
@@ -30,7 +31,7 @@ import torch
 from tether import data as D
 from tether.config import ConfigError, opt
 from tether.engine import Engine, TrainConfig, steps_for
-from tether.losses import PREFERENCE_LOSSES
+from tether.losses import PREFERENCE_LOSSES, rpo_nll
 from tether.models import (
     AdaptersOff,
     LoraSettings,
@@ -47,10 +48,12 @@ log = logging.getLogger(__name__)
 @dataclass
 class DPOConfig(TrainConfig):
     model: str = opt("", "policy to train, usually the SFT model (also the reference; required)")
-    data: str = opt("", "preference pairs {prompt, chosen, rejected} (or unpaired {prompt, completion, label} for kto)")
+    data: str = opt("", "preference pairs {prompt, chosen, rejected}, K-way rankings (as their C(K,2) pairs), or "
+                        "unpaired {prompt, completion, label} for kto")
     loss: str = opt("dpo", "dpo | robust_dpo | ipo | hinge | simpo | orpo | kto")
     beta: float = opt(0.1, "β: strength of the KL tether (IPO: τ; SimPO: reward scale)")
     label_smoothing: float = opt(0.0, "cDPO / robust DPO label-noise rate ε")
+    rpo_alpha: float = opt(0.0, "RPO: weight α of the chosen responses' per-token NLL added to a paired loss (0 = off)")
     gamma: float = opt(1.0, "SimPO target margin γ")
     lam: float = opt(0.1, "ORPO weight λ of the odds-ratio term")
     desirable_weight: float = opt(1.0, "KTO λ_D")
@@ -89,7 +92,13 @@ class DPOConfig(TrainConfig):
 
 
 def encode(cfg: DPOConfig, tokenizer, paired: bool, path: str | None = None) -> list:
-    records = D.load_records(path or cfg.data, "pairs" if paired else "unpaired", skip_invalid=cfg.skip_invalid)
+    """Encoded training records. K-way rankings become their C(K,2) pairs, better completion chosen (the DPO
+    paper's IMDb data: 4 completions a prompt -> 6 pairs)."""
+    path = path or cfg.data
+    kind = "unpaired" if not paired else D.detect_kind(path)
+    records = D.load_records(path, kind, skip_invalid=cfg.skip_invalid)
+    if kind == "rankings":
+        records = [pair for ranking in records for pair in D.expand_ranking(ranking)]
     encode_one = D.encode_pair if paired else D.encode_unpaired
     stats, out = D.TruncationStats(), []
     for rec in records:
@@ -184,6 +193,11 @@ def train_step(engine, model, examples, ref, spec, cfg, pad, step: int, data_ste
         logps = sequence_logps(model, batch, spec.logp_average, cfg.padding_free)
         ref_rows = torch.cat([ref[idx, 0], ref[idx, 1]]).to(engine.device) if ref is not None else None
         loss, parts = loss_for(spec, cfg, logps, ref_rows, batch.get("label"))
+        if cfg.rpo_alpha and spec.paired:  # RPO: + α·NLL(yw) per token (losses.rpo_nll)
+            half = len(logps) // 2
+            lengths = batch["response_mask"][:half, 1:].sum(-1)
+            nll = rpo_nll(logps[:half] * (lengths if spec.logp_average else 1), lengths)
+            loss, parts = loss + cfg.rpo_alpha * nll, {**parts, "nll_chosen": nll}
         share = len(idx) / n_global  # mean over the micro-batch -> its share of the global mean
         engine.backward(loss * share, step, last_micro=j == len(micro) - 1)
         engine.count_tokens(int(batch["attention_mask"].sum()))

@@ -57,7 +57,8 @@ class FrontierBase(PipelineBase):
     odpo_pairs_per_round: int = opt(256, "online DPO prompts per round, labelled by the simulated raters (odpo)")
     bon_ns: list[int] = opt([1, 2, 4, 8, 16], "best-of-n values (samples per prompt: the largest)")
     n_sft: int = opt(2000, "demonstrations written for SFT")
-    n_pairs: int = opt(2000, "comparisons labelled by the simulated raters for the RM and DPO")
+    n_pairs: int = opt(2000, "pairs labelled by the simulated raters (the RM's and DPO's data when n_rankings=0)")
+    n_rankings: int = opt(1000, "4-way rankings by the simulated raters: the RM's and DPO's data")
     n_test_pairs: int = opt(1000, "held-out comparisons on the test prompts: the reward model's evaluation set")
 
     def methods(self) -> list[str]:

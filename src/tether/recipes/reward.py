@@ -136,7 +136,7 @@ def split_train_eval(cfg: RewardConfig, tokenizer) -> tuple[Comparisons, Compari
     args = (tokenizer, cfg.max_prompt_len, cfg.max_completion_len, cfg.skip_invalid)
     train = load_comparisons(cfg.data, cfg.data_kind, *args)
     if cfg.eval_data:
-        return train, load_comparisons(cfg.eval_data, train.kind, *args)
+        return train, load_comparisons(cfg.eval_data, "auto", *args)  # its own kind: rankings can be judged on pairs
     order = list(range(len(train.examples)))
     random.Random(cfg.seed).shuffle(order)
     n_eval = int(len(order) * cfg.eval_fraction) if len(order) >= 20 else 0

@@ -93,18 +93,6 @@ COMPARISON_KINDS = {
 }
 
 
-def detect_kind(path: str | Path) -> str:
-    """'rankings' when the first record has `completions`, 'pairs' when it has `chosen`."""
-    for line, row in D.read_rows(path):
-        if isinstance(row, dict) and "completions" in row:
-            return "rankings"
-        if isinstance(row, dict) and "chosen" in row:
-            return "pairs"
-        raise D.DataError("cannot tell pairs from rankings (no 'chosen' or 'completions'); set data_kind",
-                          path, line)
-    raise D.DataError("no records", path)
-
-
 @dataclass
 class Comparisons:
     """Validated records and their encodings, ties (chosen == rejected text) dropped."""
@@ -118,7 +106,7 @@ class Comparisons:
 
 def load_comparisons(path: str, kind: str, tokenizer, max_prompt_len: int | None, max_completion_len: int | None,
                      skip_invalid: bool = False) -> Comparisons:
-    kind = detect_kind(path) if kind == "auto" else kind
+    kind = D.detect_kind(path) if kind == "auto" else kind
     records = D.load_records(path, kind, skip_invalid=skip_invalid)
     kept = [r for r in records if kind != "pairs" or r["chosen"] != r["rejected"]]  # a tie teaches nothing
     stats, examples = D.TruncationStats(), []
