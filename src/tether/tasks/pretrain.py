@@ -90,8 +90,9 @@ def pack_blocks(token_lists: list[list[int]], block: int) -> torch.Tensor:
 
 
 def pretrain(model, blocks: torch.Tensor, steps: int, batch_size: int, lr: float, seed: int,
-             log_every: int = 100, name: str = "pretrain") -> list[float]:
-    """Next-token cross-entropy on random batches of packed blocks; cosine decay with 5% warmup."""
+             log_every: int = 100, name: str = "pretrain", targets: torch.Tensor | None = None) -> list[float]:
+    """Next-token cross-entropy on random batches of packed blocks; cosine decay with 5% warmup. `targets` (N, L)
+    bool, if given, marks the tokens whose prediction is trained (default: every token after the first)."""
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.95))
     warmup = max(1, steps // 20)
@@ -103,7 +104,13 @@ def pretrain(model, blocks: torch.Tensor, steps: int, batch_size: int, lr: float
         rows = torch.randint(0, len(blocks), (batch_size,), generator=generator)
         batch = blocks[rows]  # (B, L)
         logits = model(input_ids=batch).logits[:, :-1]
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+        losses_bt = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
+                                                    reduction="none")  # (B·(L−1),)
+        if targets is None:
+            loss = losses_bt.mean()
+        else:
+            mask = targets[rows][:, 1:].reshape(-1).to(losses_bt.dtype)
+            loss = (losses_bt * mask).sum() / mask.sum().clamp(min=1)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
