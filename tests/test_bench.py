@@ -99,3 +99,16 @@ def test_packing_script_smoke_and_its_table():
     assert out.returncode == 0, out.stderr[-2000:]
     for shape in B.SMOKE_SHAPES:
         assert f"| {shape} |" in out.stdout
+
+
+def test_seed_table_markdown_by_cell():
+    import seed_table as T  # benchmarks/seed_table.py
+
+    from tether.acceptance import summarise
+
+    cells = [{"figure": "dpo", "gain": g, "kl": k, "base_seed": b, "seed": s}
+             for (b, s), (g, k) in {(0, 0): (1.2, 2.0), (0, 1): (0.9, 3.0), (1, 0): (1.1, 9.0)}.items()]
+    text = T.markdown({"date": "d", "fingerprint": "f", "threads": 1, "cells": cells, "summary": summarise(cells)})
+    assert "mean +0.067, std 0.153, worst -0.100; MISSED in some cell" in text
+    assert "| 0 | +1.20 at KL 2.0 | +0.90 at KL 3.0 (missed) |" in text
+    assert "| 1 | +1.10 at KL 9.0 (missed) |  |" in text  # over the KL bound; no seed 1 cell on build 1

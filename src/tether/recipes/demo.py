@@ -98,7 +98,8 @@ class DemoBase(PipelineBase):
                             "and DPO's too when n_rankings=0)")
     n_rankings: int = opt(1000, "4-way rankings by the simulated raters (rankings.jsonl, as many completions as "
                                "2,000 pairs): the reward model's and DPO's data")
-    n_test_pairs: int = opt(1000, "held-out comparisons on the test prompts: the reward model's evaluation set")
+    n_test_pairs: int = opt(4000, "held-out comparisons on the test prompts: the reward model's evaluation set "
+                                  "(4,000: a standard error of 0.007 on its accuracy)")
     report: bool = opt(True, "write report.html + PNGs and print a summary")
 
     def stage_list(self) -> list[str]:

@@ -59,7 +59,8 @@ class FrontierBase(PipelineBase):
     n_sft: int = opt(2000, "demonstrations written for SFT")
     n_pairs: int = opt(2000, "pairs labelled by the simulated raters (the RM's and DPO's data when n_rankings=0)")
     n_rankings: int = opt(1000, "4-way rankings by the simulated raters: the RM's and DPO's data")
-    n_test_pairs: int = opt(1000, "held-out comparisons on the test prompts: the reward model's evaluation set")
+    n_test_pairs: int = opt(4000, "held-out comparisons on the test prompts: the reward model's evaluation set "
+                                  "(4,000: a standard error of 0.007 on its accuracy)")
 
     def methods(self) -> list[str]:
         return [s.strip() for s in self.stages.split(",") if s.strip()]
