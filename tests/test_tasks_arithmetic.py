@@ -59,3 +59,22 @@ def test_two_builds_are_byte_identical_whatever_the_callers_threads(tmp_path):
         torch.set_num_threads(before)
     files = {name: {p.name: p.read_bytes() for p in (tmp_path / name).iterdir()} for name in "ab"}
     assert "model.safetensors" in files["a"] and files["a"] == files["b"]
+
+
+def test_lr_schedule_by_hand():
+    from tether.tasks.pretrain import lr_factor
+
+    assert [lr_factor(s, warmup=4, decay_start=6, decay_steps=4) for s in range(11)] == pytest.approx(
+        [0.25, 0.5, 0.75, 1.0, 1.0, 1.0, 1.0, 0.5 * (1 + 0.5 ** 0.5), 0.5, 0.5 * (1 - 0.5 ** 0.5), 0.0])
+
+
+def test_training_until_the_loss_is_low_stops_after_the_cooldown():
+    """until_loss above any loss: the mean of the first 100 steps is under it, so 100 steps + 5 of cool-down run."""
+    from tether.tasks.pretrain import pretrain, tiny_llama
+
+    model = tiny_llama(8, 16, 1, 2, 16, 0, 1, seed=0)
+    blocks = torch.randint(2, 8, (32, 8), generator=torch.Generator().manual_seed(0))
+    assert len(pretrain(model, blocks, steps=1000, batch_size=4, lr=1e-3, seed=0, log_every=0, until_loss=100.0,
+                        cooldown=5, warmup=10)) == 105
+    assert len(pretrain(model, blocks, steps=50, batch_size=4, lr=1e-3, seed=0, log_every=0, until_loss=0.0,
+                        cooldown=5, warmup=10)) == 50  # never learnt: the cap

@@ -89,18 +89,35 @@ def pack_blocks(token_lists: list[list[int]], block: int) -> torch.Tensor:
     return torch.tensor(flat[: n * block]).view(n, block)
 
 
+def lr_factor(step: int, warmup: int, decay_start: int, decay_steps: int) -> float:
+    """Linear warmup to 1 over `warmup` steps, 1 until `decay_start`, then cosine to 0 over `decay_steps`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if step < decay_start:
+        return 1.0
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - decay_start) / max(1, decay_steps))))
+
+
 def pretrain(model, blocks: torch.Tensor, steps: int, batch_size: int, lr: float, seed: int,
-             log_every: int = 100, name: str = "pretrain", targets: torch.Tensor | None = None) -> list[float]:
-    """Next-token cross-entropy on random batches of packed blocks; cosine decay with 5% warmup. `targets` (N, L)
-    bool, if given, marks the tokens whose prediction is trained (default: every token after the first)."""
+             log_every: int = 100, name: str = "pretrain", targets: torch.Tensor | None = None,
+             until_loss: float | None = None, cooldown: int = 1000, warmup: int | None = None) -> list[float]:
+    """Next-token cross-entropy on random batches of packed blocks. `targets` (N, L) bool, if given, marks the tokens
+    whose prediction is trained (default: every token after the first).
+
+    Schedule: linear warmup (default 5% of `steps`), then cosine decay to 0 at `steps`. With `until_loss`, the lr
+    stays at its peak until the mean loss of the last 100 steps falls below it, then decays over `cooldown` steps;
+    `steps` caps the whole run. Small models learn column arithmetic abruptly, after a plateau whose length depends
+    on the seed (arithmetic, 4,000 steps of cosine: base build 0 left its plateau at step ~2,000, build 1 never did);
+    training until the loss says the skill is there gives every build the same skill, at its own length."""
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.95))
-    warmup = max(1, steps // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / (steps - warmup))))
+    warmup = warmup or max(1, steps // 20)
+    decay_start, end = (warmup, steps) if until_loss is None else (steps - cooldown, steps)
     model.train()
-    losses, t0 = [], time.time()
-    for step in range(steps):
+    losses, t0, step = [], time.time(), 0
+    while step < end:
+        for group in optimizer.param_groups:
+            group["lr"] = lr * lr_factor(step, warmup, decay_start, end - decay_start)
         rows = torch.randint(0, len(blocks), (batch_size,), generator=generator)
         batch = blocks[rows]  # (B, L)
         logits = model(input_ids=batch).logits[:, :-1]
@@ -114,10 +131,12 @@ def pretrain(model, blocks: torch.Tensor, steps: int, batch_size: int, lr: float
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        schedule.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
-        if log_every and (step % log_every == 0 or step == steps - 1):
-            print(f"  {name} step {step + 1}/{steps} loss {loss.item():.3f} ({time.time() - t0:.0f}s)", flush=True)
+        if until_loss is not None and step < decay_start and len(losses) >= 100 and sum(losses[-100:]) < 100 * until_loss:
+            decay_start, end = step + 1, min(steps, step + 1 + cooldown)  # learnt: cool down and stop
+        if log_every and (step % log_every == 0 or step == end - 1):
+            print(f"  {name} step {step + 1}/{end} loss {loss.item():.3f} ({time.time() - t0:.0f}s)", flush=True)
+        step += 1
     model.eval()
     return losses
