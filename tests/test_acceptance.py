@@ -77,3 +77,18 @@ def test_arithmetic_figure_on_the_default_build(tmp_path, estimator):
     cell = A.arithmetic_cell(estimator, base_seed=0, seed=0, out=tmp_path / "run")
     print(json.dumps(cell[estimator]))
     assert A.verdict(cell[estimator])[0], cell[estimator]
+
+
+def test_recorded_table_clears_every_target_with_the_settings_in_force():
+    """benchmarks/seed_table.json is the evidence (base builds x training seeds of every figure); this is its guard:
+    no setting it measured has changed since, every figure's mean clears its target, and every worst case does too
+    (the RM within its documented allowance, acceptance.SHORTFALL_ALLOWED)."""
+    table = json.loads(TABLE.read_text())
+    assert A.changed_settings(table["settings"]) == [], "re-run benchmarks/seed_table.py for the new defaults"
+    for name in A.FIGURES:
+        s = table["summary"][name]
+        cells = {(c["base_seed"], c["seed"]) for c in table["cells"] if c["figure"] == name}
+        assert len({b for b, _ in cells}) >= 3 and len({s_ for _, s_ in cells}) >= 3, name
+        assert s["margin_mean"] >= 0 and s["margin_worst"] >= -A.SHORTFALL_ALLOWED.get(name, 0.0), (name, s)
+        if name not in A.SHORTFALL_ALLOWED:
+            assert s["all_passed"], (name, s)
