@@ -112,6 +112,15 @@ def changed_settings(recorded: dict[str, dict]) -> list[str]:
             if now.get(group, {}).get(key, "(gone)") != value]
 
 
+def holds(name: str, summary: dict) -> bool:
+    """A figure holds when its mean clears the target and so does every cell, or, for a figure in
+    SHORTFALL_ALLOWED, every cell comes within its allowance of the target."""
+    allowed = SHORTFALL_ALLOWED.get(name, 0.0)
+    if summary["margin_mean"] < 0:
+        return False
+    return summary["all_passed"] or (allowed > 0 and summary["margin_worst"] >= -allowed)
+
+
 def summarise(cells: list[dict]) -> dict[str, dict]:
     """Per figure: n, the margins' mean, sample std and worst case, and whether every cell passed."""
     out = {}
