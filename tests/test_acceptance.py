@@ -46,8 +46,8 @@ def test_settings_changes_are_named(monkeypatch):
 
     recorded, before = A.settings(), A.fingerprint()
     assert A.changed_settings(recorded) == [] and A.fingerprint() == before
-    monkeypatch.setitem(demo.DEMO_DEFAULTS, "ppo_lr", 1e-4)
-    assert A.changed_settings(recorded) == ["demo_overrides.ppo_lr: 6e-05 -> 0.0001"]
+    monkeypatch.setitem(demo.IPO_OVERRIDES, "beta", 0.5)
+    assert A.changed_settings(recorded) == ["ipo.beta: 0.25 -> 0.5"]
     assert A.fingerprint() != before
     recorded["grpo"]["retired_key"] = 1
     assert "grpo.retired_key: 1 -> '(gone)'" in A.changed_settings(recorded)

@@ -81,10 +81,11 @@ def arithmetic_cell(estimator: str, base_seed: int, seed: int, out: str | Path) 
 
 
 def settings() -> dict[str, dict]:
-    """Every setting the figures depend on: both tasks' build settings, the demo's stage defaults (and the ipo
-    stage's overrides), the GRPO recipe's defaults; JSON-normal (what a recorded table holds)."""
+    """Every setting the figures depend on: both tasks' build settings, the demo's stage defaults (DEMO_DEFAULTS is
+    folded into them) and the ipo stage's overrides, the GRPO recipe's defaults; JSON-normal (what a recorded table
+    holds)."""
     from tether.recipes import grpo
-    from tether.recipes.demo import DEMO_DEFAULTS, IPO_OVERRIDES, DemoConfig
+    from tether.recipes.demo import IPO_OVERRIDES, DemoConfig
     from tether.tasks import arithmetic, reviews
 
     per_run = ("out", "seed", "base_seed", "progress", "stages", "report", "model", "task", "estimator")
@@ -94,7 +95,7 @@ def settings() -> dict[str, dict]:
                 if f.default is not dataclasses.MISSING and f.name not in per_run}
 
     found = {"reviews": reviews.SETTINGS, "arithmetic": arithmetic.SETTINGS, "demo": defaults(DemoConfig),
-             "demo_overrides": DEMO_DEFAULTS, "ipo": IPO_OVERRIDES, "grpo": defaults(grpo.GRPOConfig)}
+             "ipo": IPO_OVERRIDES, "grpo": defaults(grpo.GRPOConfig)}
     return json.loads(json.dumps(found, sort_keys=True, default=str))
 
 
