@@ -4,7 +4,7 @@
     python benchmarks/packing.py --append         # also append the table to benchmarks/RESULTS.md
     python benchmarks/packing.py --smoke          # seconds: a tiny model (tests/test_bench.py runs this)
 
-What is timed: `packing.token_logprobs` then `.sum().backward()` on one batch, the forward and backward a training
+What is timed: `forward.token_outputs(...).logprobs` then `.sum().backward()` on one batch, the forward and backward a training
 step spends on its rows (SFT, DPO, GRPO all go through it), for each layout on the same batches:
 - padded: `padding_free=False`, every row as wide as the longest;
 - rows: the packed rows of `packing.plan` with the flat row switched off (block-diagonal or tree masks);
@@ -73,6 +73,7 @@ def make_batch(rng: random.Random, shape, vocab: int, device):
 
 def forward_backward(model, batch, layout: str) -> float:
     from tether import packing
+    from tether.forward import token_outputs
 
     ids, mask, prefix = batch
     flat_ok = packing.flat_attention_ok
@@ -80,7 +81,7 @@ def forward_backward(model, batch, layout: str) -> float:
         packing.flat_attention_ok = lambda _model: False
     try:
         t0 = time.perf_counter()
-        lp = packing.token_logprobs(model, ids, mask, padding_free=layout != "padded", prefix_lengths=prefix)
+        lp = token_outputs(model, ids, mask, padding_free=layout != "padded", prefix_lengths=prefix).logprobs
         lp.sum().backward()
         if ids.is_cuda:
             torch.cuda.synchronize()

@@ -34,7 +34,7 @@ each, so it is paid for. TRL's DPO runs the reference model in every step (its d
 
 Design differences measured here, each library on its defaults: tether's `padding_free=true` bin-packs each
 micro-batch's rows into fewer rows and lets rows with the same prompt share one copy of it (packing.py; exact:
-tests/test_packing.py), and its sampling backend "auto" is the lean Llama-family decoder (generation_lean.py); TRL
+tests/test_packing.py), and its sampling backend "auto" is the lean Llama-family decoder (generation/lean.py); TRL
 pads each batch to its longest row and generates with `model.generate`.
 
 Settings that differ, each library keeping its own default: TRL's defaults gradient_checkpointing=True and bf16=True

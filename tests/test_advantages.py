@@ -162,7 +162,7 @@ def test_advantage_registry():
     assert spec.fn is A.grpo_advantages and not spec.per_token
     assert A.ADVANTAGE_ESTIMATORS["reinforce_pp"].per_token
     assert set(A.ADVANTAGE_ESTIMATORS) == {"grpo", "dr_grpo", "rloo", "reinforce_pp"}
-    # RLOO on the sequence return: KL-penalised token rewards summed per row (REFERENCE.md line 62)
+    # RLOO on the sequence return: KL-penalised token rewards summed per row (docs/reference.md §Group policy gradients)
     mask = t([1.0, 1.0], [1.0, 1.0])
     rewards = A.kl_penalized_rewards(t(1.0, 0.0), t([1.0, 1.0], [0.0, 0.0]), mask, beta=0.5)
     returns = rewards.sum(-1)  # [1 − 0.5·2, 0] = [0, 0]

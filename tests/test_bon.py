@@ -1,5 +1,6 @@
-"""Best-of-N: the table against REFERENCE.md's analytic numbers within sampling error (a N(0,1) proxy, a toy discrete
-policy), the winner rule by hand, and `tether bon` end to end on a tiny model (table, files, sft=true rounds)."""
+"""Best-of-N: the table against the analytic numbers of docs/reference.md §Best-of-N and over-optimisation within
+sampling error (a N(0,1) proxy, a toy discrete policy), the winner rule by hand, and `tether bon` end to end on a tiny
+model (table, files, sft=true rounds)."""
 
 import csv
 import json

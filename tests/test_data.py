@@ -373,6 +373,26 @@ def test_collate_pairs_layout():
     assert batch["margin"].tolist() == [1.0, 0.0] and batch["weight"].tolist() == [2.0, 1.0]
 
 
+def test_split_pairs_halves_rows():
+    x = torch.arange(12).reshape(4, 3)  # B = 2: rows 0-1 chosen, rows 2-3 rejected
+    chosen, rejected = D.split_pairs(x)
+    assert chosen.tolist() == [[0, 1, 2], [3, 4, 5]]
+    assert rejected.tolist() == [[6, 7, 8], [9, 10, 11]]
+    with pytest.raises(ValueError, match="even number of rows.*got 3"):
+        D.split_pairs(torch.zeros(3, 2))
+
+
+def test_split_pairs_of_collate_pairs_gives_chosen_and_rejected_rows():
+    p0 = D.PairExample([5, 6], [7, 1], [8, 9, 1])
+    p1 = D.PairExample([4], [3, 1], [2, 1])
+    batch = D.collate_pairs([p0, p1], pad_id=0)
+    chosen, rejected = D.split_pairs(batch["input_ids"])
+    assert chosen.tolist() == [[5, 6, 7, 1, 0], [4, 3, 1, 0, 0]]  # prompt i + chosen i, padded to T = 5
+    assert rejected.tolist() == [[5, 6, 8, 9, 1], [4, 2, 1, 0, 0]]  # prompt i + rejected i
+    last_chosen, last_rejected = D.split_pairs(batch["last_index"])  # (2B,) per-row values split the same way
+    assert (last_chosen.tolist(), last_rejected.tolist()) == ([3, 2], [4, 2])
+
+
 def test_collate_rankings_groups_and_ranks():
     r0 = D.RankingExample([5], [[7, 1], [8, 1], [9, 1]], ranking=[2, 0, 1])  # completion 2 best, 1 worst
     r1 = D.RankingExample([4, 4], [[3, 1], [2, 2, 1]], ranking=[1, 0])

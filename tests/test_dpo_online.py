@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from tether.config import ConfigError, load_config
+from tether.forward import sequence_logps
 from tether.recipes import dpo as R
 from tether.recipes import online_dpo as O
 from tether.rewards import FunctionReward
@@ -58,14 +59,23 @@ def test_round_prompts_cycle():
 
 
 def test_online_config_checks():
-    base = {"model": "m", "online": True}
+    base = {"model": "m"}
     with pytest.raises(ConfigError, match="prompts"):
-        load_config(R.DPOConfig, None, base)
+        load_config(O.OnlineDPOConfig, None, base)
     with pytest.raises(ConfigError, match="task"):
-        load_config(R.DPOConfig, None, {**base, "prompts": "p.jsonl", "label_source": "gold"})
-    with pytest.raises(ConfigError, match="unpaired"):
-        load_config(R.DPOConfig, None, {**base, "task": "reviews", "loss": "kto"})
-    load_config(R.DPOConfig, None, {**base, "prompts": "p.jsonl", "label_source": "python:m:f"})  # no task needed
+        load_config(O.OnlineDPOConfig, None, {**base, "prompts": "p.jsonl", "label_source": "gold"})
+    with pytest.raises(ConfigError, match="samples pairs"):
+        load_config(O.OnlineDPOConfig, None, {**base, "task": "reviews", "loss": "kto"})
+    load_config(O.OnlineDPOConfig, None, {**base, "prompts": "p.jsonl", "label_source": "python:m:f"})  # no task
+    with pytest.raises(ConfigError, match="unknown key 'rounds'"):  # offline DPO offers only the keys it uses
+        load_config(R.DPOConfig, None, {"model": "m", "data": "d.jsonl", "rounds": 2})
+
+
+def test_online_dpo_is_its_own_command(capsys):
+    from tether.cli import main
+
+    assert main(["dpo", "model=m", "online=true"]) == 2
+    assert "tether dpo online" in capsys.readouterr().err
 
 
 @pytest.fixture()
@@ -76,10 +86,10 @@ def tiny(tmp_path):
 
 def online(tmp, **kw):
     # 16 tokens: the random tiny model ends about one response in five, enough usable pairs per round
-    base = {"model": str(tmp / "m"), "online": True, "task": "reviews", "label_source": "raters", "rounds": 2,
+    base = {"model": str(tmp / "m"), "task": "reviews", "label_source": "raters", "rounds": 2,
             "pairs_per_round": 16, "max_new_tokens": 16, "max_steps": 2, "batch_size": 4, "lr": 1e-2,
             "lr_schedule": "constant", "n_eval_prompts": 4, "out": str(tmp / "run"), "progress": False}
-    return R.run(load_config(R.DPOConfig, None, {**base, **kw}))
+    return O.run(load_config(O.OnlineDPOConfig, None, {**base, **kw}))
 
 
 def test_online_dpo_end_to_end(tiny):
@@ -105,7 +115,7 @@ def test_online_dpo_end_to_end(tiny):
     examples = R.encode(cfg, tok, True)
     batch = R.collate(examples, tok.pad_token_id, True)
     with torch.no_grad():
-        rows = R.sequence_logps(start, batch, average=False)
+        rows = sequence_logps(start, batch, average=False)
     cached = torch.load(run / "rounds/round-1/reference_logps.pt")
     n = len(examples)
     assert torch.allclose(cached, torch.stack([rows[:n], rows[n:]], 1), atol=1e-5)
@@ -115,7 +125,7 @@ def test_online_dpo_resume_reuses_the_sampled_pairs(tiny, monkeypatch):
     online(tiny, save_every=3)
     first = [json.loads(x)["loss"] for x in (tiny / "run" / "metrics.jsonl").read_text().splitlines()]
     shutil.rmtree(tiny / "run" / "checkpoints" / "step-0000004")  # back to the middle of round 1
-    monkeypatch.setattr(O, "sample_groups", lambda *a, **k: pytest.fail("a resumed round must not resample"))
+    monkeypatch.setattr(O, "sample_records", lambda *a, **k: pytest.fail("a resumed round must not resample"))
     online(tiny, save_every=3, resume=True)
     again = [json.loads(x)["loss"] for x in (tiny / "run" / "metrics.jsonl").read_text().splitlines()]
     assert again == pytest.approx(first, abs=1e-5)

@@ -50,7 +50,7 @@ def test_config_checks():
     cfg = load_config(F.FrontierConfig, None, {"betas_ppo": "0.05,0.5", "stages": "ppo,bon,odpo"})
     assert list(cfg.sweep()) == ["ppo_beta0.05", "ppo_beta0.5", "odpo_beta0.1"]
     assert cfg.stage_table()["ppo_beta0.5"].prefix == "ppo" and cfg.stage_table()["odpo_beta0.1"].prefix == "dpo"
-    assert cfg.sweep()["odpo_beta0.1"][1]["online"] is True
+    assert cfg.stage_table()["odpo_beta0.1"].module == "tether.recipes.online_dpo"
 
 
 TINY = {

@@ -1,12 +1,16 @@
 """The sampling loop: greedy equals `model.generate` and a no-cache loop, padding changes nothing, sampling is
-seeded and distributed like the model's softmax, sampling-time log-probs equal the recomputation, EOS is handled."""
+seeded and distributed like the model's softmax, sampling-time log-probs equal the recomputation, EOS is handled.
+`generate_oracle` (transformers' `model.generate`) is the reference every backend is held to; it lives here, not in
+the package, because nothing in tether samples with it."""
 
 import math
 
 import pytest
 import torch
 
-from tether.generation import BACKENDS, decode_responses, filter_logits, sample, sequence_logprobs
+from tether.forward import response_outputs
+from tether.generation import BACKENDS, decode_responses, sample
+from tether.generation.core import filter_logits, response_mask
 
 EOS, PAD = 1, 0
 
@@ -25,7 +29,27 @@ def greedy_no_cache(model, ids, n):
     return ids[0].tolist()
 
 
-@pytest.mark.parametrize("backend", sorted(set(BACKENDS) - {"vllm"}))  # vllm: tests/test_generation_graph.py
+def generate_oracle(model, ids: list[list[int]], n: int) -> list[list[int]]:
+    """Greedy responses of `model.generate`, one prompt at a time (no padding), cut after the first EOS."""
+    out = []
+    for p in ids:
+        seq = model.generate(input_ids=torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                             max_new_tokens=n, do_sample=False, eos_token_id=EOS, pad_token_id=PAD)[0, len(p):]
+        cut = (seq == EOS).nonzero()
+        out.append(seq[: int(cut[0]) + 1 if len(cut) else n].tolist())
+    return out
+
+
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
+def test_greedy_matches_generate(lm, backend):
+    tok, model = lm
+    ps = prompts(tok)
+    out = sample(model, ps, 10, eos_token_id=EOS, pad_token_id=PAD, temperature=0, backend=backend)
+    mine = [out.response_ids[row, : int(out.response_mask[row].sum())].tolist() for row in range(len(ps))]
+    assert mine == generate_oracle(model, ps, 10)
+
+
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
 def test_greedy_matches_no_cache_loop_and_padding_changes_nothing(lm, backend):
     tok, model = lm
     ps = prompts(tok)
@@ -68,15 +92,13 @@ def test_sampled_logprobs_equal_recomputation(lm):
     out = sample(model, prompts(tok), 12, eos_token_id=EOS, pad_token_id=PAD, temperature=0.7, return_logprobs=True,
                  generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        again = sequence_logprobs(model, out.sequences, out.attention_mask, out.prompt_ids.shape[1], 0.7)
+        again = response_outputs(model, out.sequences, out.attention_mask, out.prompt_ids.shape[1], 0.7).logprobs
     assert torch.allclose(again * out.response_mask, out.logprobs, atol=1e-5)
 
 
 def test_response_mask_stops_after_first_eos():
-    from tether.generation import _response_mask
-
     response = torch.tensor([[5, 6, EOS, 7, EOS, 8], [5, 6, 7, 8, 9, 10], [EOS, 4, 4, 4, 4, 4]])
-    mask, has_eos = _response_mask(response, EOS)
+    mask, has_eos = response_mask(response, EOS)
     assert mask.tolist() == [[1, 1, 1, 0, 0, 0], [1] * 6, [1, 0, 0, 0, 0, 0]]
     assert has_eos.tolist() == [True, False, True]
 

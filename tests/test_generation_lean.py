@@ -1,12 +1,12 @@
-"""The lean decoder (generation_lean.py) gives the tokens and log-probs of the "eager" backend, on Llama and Qwen2
+"""The lean decoder (generation/lean.py) gives the tokens and log-probs of the "eager" backend, on Llama and Qwen2
 shapes (biases, grouped KV heads), with LoRA adapters, and says no to models it does not cover."""
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, Qwen2Config
 
-from tether.generation import _auto_backend, sample
-from tether.generation_lean import supported
+from tether.generation import auto_backend, sample
+from tether.generation.lean import supported
 from tether.models import LoraSettings, apply_lora
 from tether.testing import tiny_causal_lm, tiny_tokenizer
 
@@ -71,7 +71,7 @@ def test_models_it_does_not_cover_decode_eager(tok):
     for layer in windowed.model.layers:
         layer.self_attn.sliding_window = 8
     assert supported(windowed, 8) and not supported(windowed, 9)
-    assert _auto_backend(gpt2, torch.device("cpu"), 16) == "eager"
-    assert _auto_backend(windowed, torch.device("cpu"), 9) == "eager"
+    assert auto_backend(gpt2, 16) == "eager"
+    assert auto_backend(windowed, 9) == "eager"
     out = sample(gpt2.eval(), prompt_ids(tok), 4, eos_token_id=EOS, pad_token_id=PAD, temperature=0)
     assert out.response_ids.shape == (3, 4)

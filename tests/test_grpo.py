@@ -53,7 +53,7 @@ def test_grpo_steps_change_the_policy(setup):
 
 def test_beta_zero_loads_no_reference(setup, monkeypatch):
     calls = []
-    monkeypatch.setattr(G, "frozen_copy", lambda m: calls.append(m) or m)
+    monkeypatch.setattr("tether.reference.frozen_copy", lambda m: calls.append(m) or m)
     G.run(cfg_for(setup, beta=0.0, estimator="rloo"))
     assert calls == []
     G.run(cfg_for(setup, beta=0.1, out=str(setup / "run2")))

@@ -1,4 +1,4 @@
-"""Tests of tether.kl: the numerical claims of REFERENCE.md lines 34–41 and hand-computed controller updates."""
+"""Tests of tether.kl: the numerical claims of docs/reference.md §KL estimators and hand-computed controller updates."""
 
 import math
 

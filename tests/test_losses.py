@@ -1,4 +1,4 @@
-"""Tests of tether.losses against hand-computed numbers (shared/REFERENCE.md) and naive reference loops."""
+"""Tests of tether.losses against hand-computed numbers (docs/reference.md) and naive reference loops."""
 
 import itertools
 import math

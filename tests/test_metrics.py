@@ -1,4 +1,4 @@
-"""Tests of tether.metrics against hand-computed numbers, REFERENCE.md tables and brute force."""
+"""Tests of tether.metrics against hand-computed numbers, docs/reference.md tables and brute force."""
 
 import itertools
 import math

@@ -3,19 +3,18 @@
 import torch
 from transformers import AutoModelForCausalLM, Qwen2Config
 
+from tether.forward import reward_scores
 from tether.models import (
     LoraSettings,
     apply_lora,
-    disabled_adapters,
     init_score_head,
-    last_token_index,
     load_causal_lm,
     load_reward_model,
     load_tokenizer,
-    position_ids_from_mask,
-    reward_scores,
 )
+from tether.packing import last_token_index, position_ids_from_mask
 from tether.testing import save_tiny, tiny_tokenizer
+from tether.wrappers import disabled_adapters
 
 
 def test_custom_tokenizer_in_qwen2_dir_is_kept(tmp_path):

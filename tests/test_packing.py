@@ -1,11 +1,12 @@
-"""Padding-free forwards (packing.py): the packed forward gives the padded forward's numbers."""
+"""Layouts (packing.py) run by forward.py: the packed forward gives the padded forward's numbers."""
 
 import pytest
 import torch
 
 from tether import packing as P
 from tether.data import pad_sequences
-from tether.models import load_reward_model, reward_scores
+from tether.forward import PolicyAndValue, forward_inputs, reward_scores, token_outputs
+from tether.models import load_reward_model
 from tether.testing import save_tiny, tiny_causal_lm, tiny_tokenizer
 
 
@@ -82,7 +83,7 @@ def test_packed_logprobs_and_gradients_equal_the_padded_forward(tiny, attn, layo
 
     def run(padding_free):
         tiny.zero_grad()
-        lp = P.token_logprobs(tiny, ids, mask, padding_free=padding_free)
+        lp = token_outputs(tiny, ids, mask, padding_free=padding_free).logprobs
         (lp * real).sum().backward()
         return lp * real, [q.grad.clone() for q in tiny.parameters()]
 
@@ -110,8 +111,6 @@ def test_packed_reward_scores_equal_the_padded_forward(tmp_path, layout):
 def test_policy_and_value_outputs_equal_the_padded_forward(tmp_path, layout):
     """PPO's container (policy logits + value-head values) packed vs padded, on a rollout-shaped batch: left-padded
     prompts, right-padded responses; equal at every real position, gradients included."""
-    from tether.recipes.ppo import PolicyAndValue
-
     tok = tiny_tokenizer()
     policy = tiny_causal_lm(tok, seed=6, hidden=32)
     value = load_reward_model(save_tiny(tmp_path / "v", seed=7))
@@ -123,12 +122,15 @@ def test_policy_and_value_outputs_equal_the_padded_forward(tmp_path, layout):
     real = mask.bool()
     assert P.plan(mask).rows < len(ids)
 
+    both = real[:, :-1] & real[:, 1:]  # columns whose token and predicted token are real
+
     def run(padding_free):
-        model = PolicyAndValue(policy, value, padding_free)
+        model = PolicyAndValue(policy, value)
         model.zero_grad()
-        logits, values = model(ids, mask)
-        (logits[real].logsumexp(-1).sum() + values[real].sum()).backward()
-        return logits[real], values[real], [q.grad.clone() for q in model.parameters() if q.grad is not None]
+        out = token_outputs(model, ids, mask, entropy=True, entropy_grad=True, padding_free=padding_free)
+        (out.logprobs[both].sum() + out.entropy[both].sum() + out.values[real[:, :-1]].sum()).backward()
+        return out.logprobs[both], out.values[real[:, :-1]], [q.grad.clone() for q in model.parameters()
+                                                              if q.grad is not None]
 
     packed, padded = run(True), run(False)
     torch.testing.assert_close(packed[0], padded[0], atol=1e-5, rtol=1e-5)
@@ -163,7 +165,7 @@ def assert_logprobs_and_gradients_match_padded(model, ids, mask, real, prefix=No
     `real` (N, T-1) positions and every parameter's gradient of their sum."""
     def run(padding_free):
         model.zero_grad()
-        lp = P.token_logprobs(model, ids, mask, padding_free=padding_free, prefix_lengths=prefix)
+        lp = token_outputs(model, ids, mask, padding_free=padding_free, prefix_lengths=prefix).logprobs
         (lp * real).sum().backward()
         return lp * real, [q.grad.clone() for q in model.parameters()]
 
@@ -199,7 +201,7 @@ def test_shared_prompts_give_the_padded_logprobs_and_gradients(tiny, attn, layou
 
 def test_a_group_of_rollouts_shares_its_left_padded_prompt(tiny, layout):
     """GRPO-shaped: 2 prompts x 3 samples, prompts left-padded, responses right-padded; sequence_logprobs."""
-    from tether.generation import sequence_logprobs
+    from tether.forward import response_outputs
 
     g = torch.Generator().manual_seed(5)
     prompts = [torch.randint(3, 60, (n,), generator=g) for n in (2, 4)]
@@ -213,8 +215,8 @@ def test_a_group_of_rollouts_shares_its_left_padded_prompt(tiny, layout):
     ids, mask = torch.stack(rows), torch.stack(masks)
     response = mask[:, 4:].float()
     with torch.no_grad():
-        shared = sequence_logprobs(tiny, ids, mask, 4) * response
-        padded = sequence_logprobs(tiny, ids, mask, 4, padding_free=False) * response
+        shared = response_outputs(tiny, ids, mask, 4).logprobs * response
+        padded = response_outputs(tiny, ids, mask, 4, padding_free=False).logprobs * response
     assert P.plan(mask, ids=ids, prefix_lengths=mask[:, :4].sum(1)).visible is not None
     torch.testing.assert_close(shared, padded, atol=1e-5, rtol=1e-5)
 
@@ -308,7 +310,7 @@ def test_flat_rows_are_refused_where_the_span_attention_would_not_run(tiny):
     ids, mask = right_padded([4, 2])
     ordered = P._flat_order(P._segments(None, [4, 2], [0, 0], None))
     p = P._flat_layout(ordered, P._span_runs(ordered), tuple(mask.shape), [0, 0], "cpu")
-    inputs = P.forward_inputs(tiny, ids, mask, p)
+    inputs = forward_inputs(tiny, ids, mask, p)
     with pytest.raises(RuntimeError):  # outside attention_for: sdpa gets the empty mask and fails, never silently
         tiny(**inputs)
     with P.attention_for(p, tiny):

@@ -19,8 +19,10 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from tether.config import ConfigError, load_config
 from tether.data import write_jsonl
+from tether.forward import PolicyAndValue, response_outputs
 from tether.models import LoraSettings, load_causal_lm, load_reward_model, load_tokenizer, save_pretrained
 from tether.recipes import ppo as P
+from tether.reference import ReferencePolicy
 from tether.testing import save_tiny
 
 torch.set_num_threads(1)  # tiny matrices: one thread is fastest, and the CPU is shared with other test workers
@@ -104,12 +106,11 @@ def test_missing_eos_penalty_replaces_the_score_of_responses_without_eos(workdir
     tok = load_tokenizer(policy_dir)
     policy = load_causal_lm(policy_dir)
     value = load_reward_model(policy_dir)
-    model = P.PolicyAndValue(policy, value)
+    model = PolicyAndValue(policy, value)
     records = [{"prompt": p} for p in PROMPTS * 4]
-    ids = P.encode_prompts(tok, records, 16)
     gen = torch.Generator().manual_seed(0)
-    batch, stats, (_, completions) = P.rollout(cfg, model, P.ReferencePolicy(policy, True), P.load_reward(cfg, "cpu"),
-                                               tok, records, ids, gen, torch.device("cpu"))
+    batch, stats, (_, completions) = P.rollout(cfg, model, ReferencePolicy(policy, True), P.load_reward(cfg, "cpu"),
+                                               tok, records, gen, torch.device("cpu"))
     ends_with_eos = torch.tensor([bool((row[m.bool()] == tok.eos_token_id).any())
                                   for row, m in zip(batch.sequences[:, batch.prompt_len:], batch.response_mask)])
     assert 0 < int(ends_with_eos.sum()) < len(records), "the test needs responses with and without EOS"
@@ -125,18 +126,16 @@ def test_lora_reference_is_the_base_model_with_adapters_off(workdir):
         for name, p in policy.named_parameters():
             if "lora_B" in name:
                 p.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(len(name)))
-    reference = P.ReferencePolicy(policy, share=True)
-    assert reference.shared and reference.model is policy  # no second copy of the weights
+    reference = ReferencePolicy(policy, share=True)
+    assert reference.shared and reference.model.model is policy  # no second copy of the weights
     base = load_causal_lm(workdir / "base")
     tok = load_tokenizer(workdir / "base")
     seqs = torch.tensor([tok("the film was good film .")["input_ids"]])
     mask = torch.ones_like(seqs)
-    from tether.generation import sequence_logprobs
-
     ref = reference.logprobs(seqs, mask, prompt_len=3, temperature=0.7)
-    assert torch.allclose(ref, sequence_logprobs(base, seqs, mask, 3, temperature=0.7), atol=1e-6)
-    assert not torch.allclose(ref, sequence_logprobs(policy, seqs, mask, 3, temperature=0.7), atol=1e-3)
-    unshared = P.ReferencePolicy(policy, share=False)  # the memory comparison's baseline: a frozen copy
+    assert torch.allclose(ref, response_outputs(base, seqs, mask, 3, temperature=0.7).logprobs, atol=1e-6)
+    assert not torch.allclose(ref, response_outputs(policy, seqs, mask, 3, temperature=0.7).logprobs, atol=1e-3)
+    unshared = ReferencePolicy(policy, share=False)  # the memory comparison's baseline: a frozen copy
     assert unshared.model is not policy
     assert not any(p.requires_grad for p in unshared.model.parameters())
 

@@ -15,7 +15,8 @@ from transformers import AutoModelForSequenceClassification
 from tether import data as D
 from tether.cli import main as cli_main
 from tether.config import ConfigError, load_config
-from tether.models import load_reward_model, load_tokenizer, reward_scores
+from tether.forward import reward_scores
+from tether.models import load_reward_model, load_tokenizer
 from tether.recipes import reward_eval as E
 from tether.recipes.reward import (
     RewardConfig,

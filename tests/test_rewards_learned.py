@@ -7,7 +7,8 @@ import torch
 
 from tether import data as D
 from tether.config import ConfigError
-from tether.models import load_reward_model, load_tokenizer, reward_scores
+from tether.forward import reward_scores
+from tether.models import load_reward_model, load_tokenizer
 from tether.rewards import FunctionReward, RewardOutput
 from tether.rewards.learned import LearnedReward, encode_for_reward, reward_model_dirs, score_sequences
 from tether.rewards.rules import WeightedSum

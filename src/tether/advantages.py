@@ -2,8 +2,8 @@
 
 PPO path: `kl_penalized_rewards` -> `gae` (with a value model). Critic-free path: one score per sequence, rows grouped
 contiguously by prompt (prompt i owns rows i·G .. i·G+G−1), an estimator from `ADVANTAGE_ESTIMATORS`, then the
-per-sequence advantage broadcast over that sequence's response tokens. Every formula cites shared/REFERENCE.md;
-tests/test_advantages.py checks each against a slow Python loop and hand-computed numbers.
+per-sequence advantage broadcast over that sequence's response tokens. Every formula cites its section of
+docs/reference.md; tests/test_advantages.py checks each against a slow Python loop and hand-computed numbers.
 
 Choices made here:
 - Group std is the SAMPLE std (n − 1), as DeepSeekMath's released code and TRL/verl compute it; a group of one has
@@ -33,8 +33,8 @@ def _last_index(mask: Tensor) -> Tensor:
 def kl_penalized_rewards(scores: Tensor, kl: Tensor, response_mask: Tensor, beta: float) -> Tensor:
     """r_t = −β·kl_t on every response token, plus the sequence score on the LAST real response token.
 
-    REFERENCE.md lines 19–20 (InstructGPT; "N+ implementation details"). kl is the per-token estimate, usually k1 =
-    logprobs − ref_logprobs. A row without response tokens gets all zeros (its score has no token to sit on).
+    docs/reference.md §PPO (InstructGPT; "N+ implementation details"). kl is the per-token estimate, usually
+    k1 = logprobs − ref_logprobs. A row without response tokens gets all zeros (its score has no token to sit on).
     Shapes: scores (B,), kl (B, T), response_mask (B, T) -> rewards (B, T), 0 on masked positions.
     """
     mask = response_mask.to(kl.dtype)
@@ -47,7 +47,7 @@ def kl_penalized_rewards(scores: Tensor, kl: Tensor, response_mask: Tensor, beta
 def gae(
     rewards: Tensor, values: Tensor, response_mask: Tensor, gamma: float = 1.0, lam: float = 0.95
 ) -> tuple[Tensor, Tensor]:
-    """Generalised advantage estimation (Schulman et al. 2016), REFERENCE.md line 21:
+    """Generalised advantage estimation (Schulman et al. 2016), docs/reference.md §PPO:
     δ_t = r_t + γV(s_{t+1}) − V(s_t);  Â_t = Σ_l (γλ)^l δ_{t+l};  returns = Â + V.
 
     Only response tokens are steps: masked positions are skipped (the next step of a token is the next REAL token) and
@@ -79,7 +79,8 @@ def _groups(scores: Tensor, group_size: int) -> Tensor:
 def grpo_advantages(scores: Tensor, group_size: int, eps: float = 1e-4) -> Tensor:
     """GRPO (Shao et al. 2024, DeepSeekMath): Â_i = (r_i − mean_group r) / (std_group r + eps), same on every token.
 
-    REFERENCE.md line 57. std is the sample std (n − 1), 0 for a group of one. Shapes: scores (B,) -> (B,).
+    docs/reference.md §Group policy gradients. std is the sample std (n − 1), 0 for a group of one.
+    Shapes: scores (B,) -> (B,).
     """
     groups = _groups(scores, group_size)  # (B/G, G)
     mean = groups.mean(-1, keepdim=True)
@@ -88,7 +89,8 @@ def grpo_advantages(scores: Tensor, group_size: int, eps: float = 1e-4) -> Tenso
 
 
 def dr_grpo_advantages(scores: Tensor, group_size: int) -> Tensor:
-    """Dr. GRPO (Liu et al. 2025): Â_i = r_i − mean_group r, no division by the std (REFERENCE.md line 59).
+    """Dr. GRPO (Liu et al. 2025): Â_i = r_i − mean_group r, no division by the std
+    (docs/reference.md §Group policy gradients).
 
     Shapes: scores (B,) -> (B,).
     """
@@ -99,8 +101,8 @@ def dr_grpo_advantages(scores: Tensor, group_size: int) -> Tensor:
 def rloo_advantages(scores: Tensor, group_size: int) -> Tensor:
     """RLOO (Ahmadian et al. 2024): Â_i = R_i − mean_{j≠i} R_j = k/(k−1)·(R_i − mean R), k = group_size ≥ 2.
 
-    REFERENCE.md line 62; R is the sequence return, KL penalty included (e.g. the row sum of `kl_penalized_rewards`).
-    Shapes: scores (B,) -> (B,).
+    docs/reference.md §Group policy gradients; R is the sequence return, KL penalty included (e.g. the row sum of
+    `kl_penalized_rewards`). Shapes: scores (B,) -> (B,).
     """
     if group_size < 2:
         raise ValueError("RLOO needs at least 2 samples per prompt")
@@ -109,7 +111,8 @@ def rloo_advantages(scores: Tensor, group_size: int) -> Tensor:
 
 
 def reinforce_pp_advantages(token_rewards: Tensor, response_mask: Tensor, gamma: float = 1.0) -> Tensor:
-    """REINFORCE++ (Hu 2025): A_t = Σ_{i≥t} γ^{i−t} r_i, then whitened over the batch (REFERENCE.md line 63).
+    """REINFORCE++ (Hu 2025): A_t = Σ_{i≥t} γ^{i−t} r_i, then whitened over the batch
+    (docs/reference.md §Group policy gradients).
 
     With token_rewards from `kl_penalized_rewards` this is A_t = score − β Σ_{i≥t} KL_i. The return-to-go is GAE with
     V = 0 and λ = 1. Shapes: token_rewards, response_mask (B, T) -> (B, T), 0 on masked positions.

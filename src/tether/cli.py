@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "rm score": ("tether.recipes.reward_score", "RMScoreConfig"),
     "ppo": ("tether.recipes.ppo", "PPOConfig"),
     "dpo": ("tether.recipes.dpo", "DPOConfig"),
+    "dpo online": ("tether.recipes.online_dpo", "OnlineDPOConfig"),
     "grpo": ("tether.recipes.grpo", "GRPOConfig"),
     "bon": ("tether.recipes.best_of_n", "BoNConfig"),
     "pipeline": ("tether.recipes.pipeline", "PipelineConfig"),
@@ -41,7 +42,7 @@ HELP = {
     "sft": "supervised fine-tuning on demonstrations",
     "rm": "train a Bradley-Terry reward model on comparisons (rm eval / rm score too)",
     "ppo": "PPO against a reward with a KL penalty to the reference model",
-    "dpo": "DPO and its family (IPO, cDPO, SimPO, ORPO, KTO), offline or online",
+    "dpo": "DPO and its family (IPO, cDPO, SimPO, ORPO, KTO), offline (dpo online: sampled round by round)",
     "grpo": "GRPO / RLOO / REINFORCE++ with verifiable or learned rewards",
     "bon": "best-of-N sampling and rejection-sampling fine-tuning",
     "pipeline": "SFT -> RM -> PPO from one config",
@@ -117,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     unknown_flags = [o for o in overrides if o.startswith("-")]
     if unknown_flags:
         print(f"tether {command}: unknown option {unknown_flags[0]}; settings are key=value", file=sys.stderr)
+        return 2
+    if command == "dpo" and any(o.split("=", 1)[0] == "online" for o in overrides):
+        print("tether dpo: online DPO is a command of its own: `tether dpo online key=value ...`", file=sys.stderr)
         return 2
     quiet_libraries()
     try:

@@ -41,26 +41,68 @@ from tether.config import ConfigError, opt, save_config
 
 
 @dataclass
-class TrainConfig:
-    """Fields every training recipe has; a recipe config subclasses this and stays one flat dataclass."""
+class Fields:
+    """A group of config keys; a recipe's config is one flat dataclass composed of the groups whose keys it reads,
+    and each group checks its own keys in `validate` (cooperatively, through super())."""
 
+    def validate(self) -> None:
+        pass
+
+
+@dataclass
+class RunFields(Fields):
     out: str = opt("", "run directory (default runs/<command>-<timestamp>)")
     seed: int = opt(0, "random seed; process r uses seed + r*100003")
+    progress: bool = opt(True, "show a progress bar")
+
+
+@dataclass
+class OptimizerFields(Fields):
     lr: float = opt(1e-4, "peak learning rate (AdamW)")
     weight_decay: float = opt(0.0, "AdamW weight decay")
     adam_eps: float = opt(1e-8, "AdamW epsilon (N+ PPO uses 1e-5)")
     lr_schedule: str = opt("linear", "learning-rate schedule after warmup: constant | linear | cosine")
     warmup_steps: int = opt(0, "linear warmup steps")
     min_lr_ratio: float = opt(0.0, "final lr as a fraction of the peak (InstructGPT RM: cosine to 0.1)")
+    max_grad_norm: float = opt(1.0, "gradient clipping by global norm (0 = off)")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.lr_schedule not in SCHEDULES:
+            raise ConfigError(f"key 'lr_schedule' must be one of {sorted(SCHEDULES)}, got {self.lr_schedule!r}")
+
+
+@dataclass
+class BatchFields(Fields):
+    """Steps over a data set: `batch_size` examples per micro-batch, `grad_accum` micro-batches per step."""
+
     batch_size: int = opt(8, "micro-batch size per process")
     grad_accum: int = opt(1, "micro-batches accumulated per optimizer step")
-    max_grad_norm: float = opt(1.0, "gradient clipping by global norm (0 = off)")
     epochs: float = opt(1.0, "passes over the training data (ignored when max_steps > 0)")
     max_steps: int = opt(0, "optimizer steps to run (0 = from epochs)")
+
+    def validate(self) -> None:
+        super().validate()
+        for key in ("batch_size", "grad_accum"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"key '{key}' must be >= 1, got {getattr(self, key)}")
+
+
+@dataclass
+class CheckpointFields(Fields):
     log_every: int = opt(1, "log metrics every N steps")
     save_every: int = opt(0, "checkpoint every N steps (0 = only at the end)")
     keep_checkpoints: int = opt(2, "how many recent checkpoints to keep")
     resume: bool = opt(False, "continue from the last checkpoint in `out`")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.resume and not getattr(self, "out", ""):
+            raise ConfigError("key 'resume' needs out=DIR naming the run to continue")
+
+
+@dataclass
+class ModelFields(Fields):
     mixed_precision: str = opt("auto", "no | bf16 | fp16 | auto (bf16 on a GPU that supports it, else no)")
     gradient_checkpointing: bool = opt(False, "recompute activations in the backward pass to save memory")
     padding_free: bool = opt(True, "bin-pack each micro-batch's rows into fewer rows and store a prompt shared by "
@@ -70,18 +112,17 @@ class TrainConfig:
     lora_dropout: float = opt(0.0, "LoRA dropout")
     lora_target_modules: str = opt("all-linear", "LoRA target modules: all-linear or a comma list of names")
     merge_lora: bool = opt(True, "merge LoRA adapters into the saved model")
-    progress: bool = opt(True, "show a progress bar")
 
     def validate(self) -> None:
-        if self.lr_schedule not in SCHEDULES:
-            raise ConfigError(f"key 'lr_schedule' must be one of {sorted(SCHEDULES)}, got {self.lr_schedule!r}")
+        super().validate()
         if self.mixed_precision not in ("no", "bf16", "fp16", "auto"):
             raise ConfigError(f"key 'mixed_precision' must be no | bf16 | fp16 | auto, got {self.mixed_precision!r}")
-        for key in ("batch_size", "grad_accum"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"key '{key}' must be >= 1, got {getattr(self, key)}")
-        if self.resume and not self.out:
-            raise ConfigError("key 'resume' needs out=DIR naming the run to continue")
+
+
+@dataclass
+class TrainConfig(ModelFields, CheckpointFields, BatchFields, OptimizerFields, RunFields):
+    """Every group: the config of a recipe that steps over a data set (SFT, RM, DPO). PPO and GRPO step over
+    rollouts and compose the groups without `BatchFields` (they have no `grad_accum`)."""
 
 
 class NonFiniteLossError(RuntimeError):
@@ -173,7 +214,7 @@ def fused_adamw_ok(params) -> bool:
 class Engine:
     """Run directory, accelerate, optimizer + schedule, accumulation, checkpoints, metrics: shared by all recipes."""
 
-    def __init__(self, cfg: TrainConfig, command: str, accelerator: Accelerator | None = None):
+    def __init__(self, cfg, command: str, accelerator: Accelerator | None = None):
         self.cfg, self.command = cfg, command
         precision = cfg.mixed_precision
         if precision == "auto":
@@ -185,7 +226,7 @@ class Engine:
         self.device = self.accelerator.device
         self.run_dir = self._resolve_run_dir(cfg.out, command)
         cfg.out = str(self.run_dir)
-        self.seed = cfg.seed + self.rank * 100_003  # REFERENCE.md: seed per process
+        self.seed = cfg.seed + self.rank * 100_003  # docs/reference.md §PPO: seed per process
         torch.manual_seed(self.seed)
         self.checkpoint_objects: list[Any] = []
         self.model = self.optimizer = self.scheduler = None
@@ -229,10 +270,11 @@ class Engine:
     # --- data -------------------------------------------------------------------------------------------------------
     @property
     def global_batch(self) -> int:
-        return self.cfg.batch_size * self.cfg.grad_accum * self.world_size
+        """Examples per optimizer step over all processes (a config without `grad_accum` accumulates its own way)."""
+        return self.cfg.batch_size * getattr(self.cfg, "grad_accum", 1) * self.world_size
 
     def micro_batches(self, step: int, n_examples: int | None = None) -> list[list[int]]:
-        """This process's micro-batches (lists of example indices) for optimizer step `step`."""
+        """This process's micro-batches (lists of example indices) for optimizer step `step` (`BatchFields`)."""
         idx = step_indices(step, self.global_batch, n_examples or self.n_examples, self.cfg.seed)
         b, a = self.cfg.batch_size, self.cfg.grad_accum
         mine = idx[self.rank * a * b : (self.rank + 1) * a * b]

@@ -17,10 +17,11 @@ from pathlib import Path
 
 import torch
 
-from tether import data as D
 from tether.config import ConfigError, opt
-from tether.generation import decode_responses, sample, sequence_logprobs
+from tether.forward import response_outputs
+from tether.generation import sample_records
 from tether.metrics import distinct_n, repetition_rate
+from tether.prompts import load_prompts, load_task
 
 
 def _batches(items: list, size: int):
@@ -29,30 +30,14 @@ def _batches(items: list, size: int):
 
 
 @torch.no_grad()
-def _generate(model, tokenizer, records, n_samples, max_new_tokens, temperature, batch_size, generator):
-    """Sample n per record; returns (records repeated, prompts, completions, rollouts list)."""
-    rows = [r for r in records for _ in range(n_samples)]
-    out_rows, prompts, completions, rollouts = [], [], [], []
-    for chunk in _batches(rows, batch_size):
-        ids = [D.encode_prompt(tokenizer, D.prompt_of(r))[0] for r in chunk]
-        roll = sample(model, ids, max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-                      pad_token_id=tokenizer.pad_token_id, temperature=temperature, generator=generator)
-        out_rows += chunk
-        prompts += [D.prompt_of(r) for r in chunk]
-        completions += decode_responses(tokenizer, roll)
-        rollouts.append(roll)
-    return out_rows, prompts, completions, rollouts
-
-
-@torch.no_grad()
 def _sequence_kl(model, ref_model, rollouts, temperature) -> list[float]:
+    """Σ_t (log π − log π_ref) over each sampled response's tokens, one forward of each model per rollout."""
     kls = []
+    device = next(model.parameters()).device
     for roll in rollouts:
-        seq, mask, plen = roll.sequences, roll.attention_mask, roll.prompt_ids.shape[1]
-        device = next(model.parameters()).device
-        seq, mask = seq.to(device), mask.to(device)
-        logp = sequence_logprobs(model, seq, mask, plen, temperature)
-        ref = sequence_logprobs(ref_model, seq, mask, plen, temperature)
+        seq, mask, plen = roll.sequences.to(device), roll.attention_mask.to(device), roll.prompt_ids.shape[1]
+        logp = response_outputs(model, seq, mask, plen, temperature).logprobs
+        ref = response_outputs(ref_model, seq, mask, plen, temperature).logprobs
         kls += ((logp - ref) * roll.response_mask.to(device)).sum(-1).tolist()
     return kls
 
@@ -62,10 +47,11 @@ def evaluate_policy(model, tokenizer, task, records: list[dict], n_samples: int 
                     reward=None, n_show: int = 6) -> dict:
     """Held-out metrics of `model` (see the module docstring); `task` may be None when there is no gold reward."""
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-    rows, prompts, completions, rollouts = _generate(model, tokenizer, records, n_samples, max_new_tokens,
-                                                     temperature, batch_size, generator)
-    lengths = torch.cat([r.response_mask.sum(1) for r in rollouts]).float()
-    has_eos = torch.cat([r.has_eos for r in rollouts]).float()
+    s = sample_records(model, tokenizer, records, n_samples, max_new_tokens=max_new_tokens, temperature=temperature,
+                       generator=generator, batch_size=batch_size)
+    rows, prompts, completions = s.records, s.prompts, s.completions
+    lengths = torch.cat([r.response_mask.sum(1) for r in s.rollouts]).float()
+    has_eos = torch.cat([r.has_eos for r in s.rollouts]).float()
     token_lists = [tokenizer(c, add_special_tokens=False).input_ids for c in completions]
     result = {
         "n_prompts": len(records), "n_samples": len(rows),
@@ -83,12 +69,12 @@ def evaluate_policy(model, tokenizer, task, records: list[dict], n_samples: int 
                                               _batches(rows, batch_size))])
         result.update(proxy_mean=proxy.mean().item(), proxy_std=proxy.std().item() if len(proxy) > 1 else 0.0)
     if ref_model is not None:
-        kl = torch.tensor(_sequence_kl(model, ref_model, rollouts, temperature))
+        kl = torch.tensor(_sequence_kl(model, ref_model, s.rollouts, temperature))
         result.update(kl_mean=kl.mean().item())
     if task is not None and records and "answer" in records[0]:
-        _, g_prompts, g_completions, _ = _generate(model, tokenizer, records, 1, max_new_tokens, 0.0, batch_size,
-                                                   generator)
-        result["accuracy"] = sum(task.gold_reward(g_prompts, g_completions, records)) / len(records)
+        greedy = sample_records(model, tokenizer, records, 1, max_new_tokens=max_new_tokens, temperature=0.0,
+                                generator=generator, batch_size=batch_size)
+        result["accuracy"] = sum(task.gold_reward(greedy.prompts, greedy.completions, records)) / len(records)
     shown = range(0, min(len(rows), n_show * n_samples), n_samples)  # the first sample of the first prompts
     result["samples"] = [
         {"prompt": prompts[i] if isinstance(prompts[i], str) else json.dumps(prompts[i]), "completion": completions[i],
@@ -96,6 +82,26 @@ def evaluate_policy(model, tokenizer, task, records: list[dict], n_samples: int 
         for i in shown
     ]
     return result
+
+
+def held_out_eval(policy, tokenizer, task, records: list[dict], **settings) -> tuple[dict, list[dict]]:
+    """`evaluate_policy` of a policy that is training (put in eval mode for it, and back): (numbers, samples shown).
+
+    The one held-out evaluation of the training recipes: PPO, DPO (offline and online) and GRPO call it."""
+    was_training = policy.training
+    policy.eval()
+    try:
+        result = evaluate_policy(policy, tokenizer, task, records, **settings)
+    finally:
+        policy.train(was_training)
+    samples = result.pop("samples", [])
+    return {k: v for k, v in result.items() if isinstance(v, (int, float))}, samples
+
+
+def append_eval(run_dir: Path, step: int, result: dict) -> None:
+    """One held-out evaluation as a line of run_dir/evals.jsonl; step 0 (the starting policy) starts the file."""
+    with (Path(run_dir) / "evals.jsonl").open("w" if step == 0 else "a") as f:
+        f.write(json.dumps({"step": step, **result}) + "\n")
 
 
 @dataclass
@@ -120,16 +126,10 @@ class EvalConfig:
 
 def run(cfg: EvalConfig) -> dict:
     from tether.models import load_causal_lm, load_tokenizer
-    from tether.tasks import get_task
 
-    task = None if cfg.task in ("", "none") else get_task(cfg.task)
+    task = load_task(cfg.task)
     tokenizer, model = load_tokenizer(cfg.model), load_causal_lm(cfg.model).eval()
-    if cfg.prompts:
-        records = list(D.load_records(cfg.prompts, "prompts"))[: cfg.n_prompts]
-    elif task is not None:
-        records = task.prompts("test", cfg.n_prompts, seed=cfg.seed)
-    else:
-        raise ConfigError("eval needs prompts=FILE or a task")
+    records = load_prompts(cfg.prompts, task, "test", cfg.n_prompts, cfg.seed)
     ref = load_causal_lm(cfg.ref_model).eval() if cfg.ref_model else None
     reward = None
     if cfg.reward:

@@ -1,7 +1,7 @@
 """KL divergence of the policy from the reference: per-token estimators and the controllers of the KL coefficient β.
 
-Estimators (Schulman, "Approximating KL divergence", REFERENCE.md lines 34–41) take log-probs of tokens SAMPLED FROM
-THE POLICY and estimate KL(πθ‖πref) per token with r = πref/πθ; chosen by name through `KL_ESTIMATORS`.
+Estimators (Schulman, "Approximating KL divergence", docs/reference.md §KL estimators) take log-probs of tokens
+SAMPLED FROM THE POLICY and estimate KL(πθ‖πref) per token with r = πref/πθ; chosen by name through `KL_ESTIMATORS`.
 Controllers hold β across a run: `.value` is the current β, `.update(current_kl, n_steps, reward_std=None)` is called
 once per rollout batch with what the recipe measured, and `state_dict()` / `load_state_dict()` let a resumed run
 continue with exactly the same β (register the controller with the engine's checkpoints).
@@ -17,7 +17,7 @@ Tensor = torch.Tensor
 
 
 def kl_k1(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
-    """k1 = −log r = log πθ − log πref: unbiased, high variance, can be negative (REFERENCE.md line 37).
+    """k1 = −log r = log πθ − log πref: unbiased, high variance, can be negative (docs/reference.md §KL estimators).
 
     As a loss on on-policy samples its expected gradient is zero. Shapes: (B, T) -> (B, T).
     """
@@ -25,7 +25,8 @@ def kl_k1(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
 
 
 def kl_k2(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
-    """k2 = ½(log r)²: biased (bias 0.25·KL at KL = 0.5 for N(0,1) vs N(1,1)), low variance (REFERENCE.md line 38).
+    """k2 = ½(log r)²: biased (bias 0.25·KL at KL = 0.5 for N(0,1) vs N(1,1)), low variance
+    (docs/reference.md §KL estimators).
 
     As a loss its expected gradient is that of reverse KL(πθ‖πref). Shapes: (B, T) -> (B, T).
     """
@@ -33,7 +34,8 @@ def kl_k2(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
 
 
 def kl_k3(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
-    """k3 = (r − 1) − log r: unbiased, low variance, always ≥ 0 (REFERENCE.md line 39; GRPO's KL term, line 58).
+    """k3 = (r − 1) − log r: unbiased, low variance, always ≥ 0 (docs/reference.md §KL estimators; GRPO's KL term,
+    §Group policy gradients).
 
     As a loss its expected gradient is that of forward KL(πref‖πθ). Shapes: (B, T) -> (B, T).
     """
@@ -45,7 +47,7 @@ KL_ESTIMATORS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {"k1": kl_k1, "k2
 
 
 class FixedKLController:
-    """Constant β (N+ default 0.05, REFERENCE.md line 28)."""
+    """Constant β (N+ default 0.05, docs/reference.md §KL controllers)."""
 
     def __init__(self, beta: float):
         self.value = float(beta)
@@ -62,7 +64,7 @@ class FixedKLController:
 
 
 class AdaptiveKLController:
-    """Ziegler et al. 2019 (lm-human-preferences), REFERENCE.md lines 30–31:
+    """Ziegler et al. 2019 (lm-human-preferences), docs/reference.md §KL controllers:
     err = clip(KL/target − 1, −0.2, 0.2);  β ← β·(1 + err·n_steps/horizon).
 
     current_kl: mean sequence KL of the batch (nats); n_steps: episodes in the batch. β moves at most 20% per horizon.

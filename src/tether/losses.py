@@ -2,8 +2,8 @@
 
 Token log-probs and masked reductions, supervised NLL, Bradley-Terry reward-model losses, the DPO family of offline
 preference losses (chosen by name through `PREFERENCE_LOSSES`), and the PPO clipped policy and value losses with the
-loss aggregations of DAPO / GRPO / Dr. GRPO (chosen by name through `AGGREGATIONS`). Every formula cites the line of
-shared/REFERENCE.md it implements; tests/test_losses.py checks each against hand-computed numbers.
+loss aggregations of DAPO / GRPO / Dr. GRPO (chosen by name through `AGGREGATIONS`). Every formula cites the section
+of docs/reference.md it implements; tests/test_losses.py checks each against hand-computed numbers.
 
 Conventions: B batch, T tokens, V vocabulary, K completions per prompt. Masks are float or bool (B, T) with 1 on real
 response tokens. Metrics are detached 0-dim tensors. Departures from the papers:
@@ -34,8 +34,8 @@ def logprobs_from_logits(logits: Tensor, tokens: Tensor, temperature: float = 1.
 
     Shapes: logits (B, T, V), tokens (B, T) -> (B, T), float32 (float64 for float64 logits).
     Gather minus logsumexp keeps no (B, T, V) log-softmax copy alive for backward, and going one row at a time bounds
-    the logsumexp temporaries to (T, V). The temperature must be the sampling temperature (REFERENCE.md line 26:
-    "logprobs for the loss computed from logits / T"), otherwise the ratio to the sampler's log-probs is biased.
+    the logsumexp temporaries to (T, V). The temperature must be the sampling temperature (docs/reference.md §PPO:
+    the loss's log-probs come from logits / T), otherwise the ratio to the sampler's log-probs is biased.
     """
     rows = []
     for row_logits, row_tokens in zip(logits, tokens):  # (T, V), (T,)
@@ -93,7 +93,8 @@ def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
 def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
     """(x − mean) / sqrt(var + eps) over the selected entries; the mean is added back when `shift_mean` is False.
 
-    REFERENCE.md line 24 (advantages whitened per batch, shift mean). Shapes: x, mask (B, T) -> (B, T), 0 where masked.
+    docs/reference.md §PPO (advantages whitened per batch, shift mean). Shapes: x, mask (B, T) -> (B, T), 0 where
+    masked.
     """
     mean, var = masked_mean(x, mask), masked_var(x, mask)
     out = (x - mean) * torch.rsqrt(var + eps)
@@ -139,7 +140,8 @@ def bradley_terry_loss(
 ) -> tuple[Tensor, dict]:
     """L = −(1−ε) log σ(r_w − r_l − m) − ε log σ(−(r_w − r_l − m)), weighted mean over pairs.
 
-    REFERENCE.md line 8 (Bradley-Terry, optional margin m as in Llama 2); ε is label smoothing for noisy raters.
+    docs/reference.md §Reward model (Bradley-Terry, optional margin m as in Llama 2); ε is label smoothing for noisy
+    raters.
     Shapes: chosen_scores, rejected_scores, margin, weight (B,) -> scalar loss.
     Metrics: accuracy (share with r_w > r_l strictly), margin (mean r_w − r_l), chosen/rejected mean scores.
     """
@@ -156,7 +158,7 @@ def bradley_terry_loss(
 def ranking_loss(scores: Tensor, ranking: Tensor, valid: Tensor | None = None) -> tuple[Tensor, dict]:
     """InstructGPT ranking loss: the C(K,2) pairs of one prompt are ONE element, each pair weighted 1/C(K,2).
 
-    L = mean_prompts [ 1/C(k,2) Σ_{i ranked above j} −log σ(r_i − r_j) ]   (REFERENCE.md lines 9–10)
+    L = mean_prompts [ 1/C(k,2) Σ_{i ranked above j} −log σ(r_i − r_j) ]   (docs/reference.md §Reward model)
     Shapes: scores (B, K) one score per completion; ranking (B, K) completion indices best -> worst; valid (B, K) bool
     over RANKING positions (False marks padding after the last real entry of a prompt with k < K completions; its
     index may be anything, −1 included). Prompts with fewer than 2 valid completions are left out.
@@ -175,7 +177,7 @@ def ranking_loss(scores: Tensor, ranking: Tensor, valid: Tensor | None = None) -
 
 # --- DPO family: sequence log-probs in, (loss, metrics) out ---------------------------------------------------------
 def _preference_metrics(chosen_rewards: Tensor, rejected_rewards: Tensor) -> dict:
-    """REFERENCE.md line 52: rewards/chosen = β·logratio(yw), rewards/rejected, margins, accuracies."""
+    """docs/reference.md §DPO family: rewards/chosen = β·logratio(yw), rewards/rejected, margins, accuracies."""
     c, r = chosen_rewards.detach(), rejected_rewards.detach()
     return {"rewards/chosen": c.mean(), "rewards/rejected": r.mean(),
             "rewards/margins": (c - r).mean(), "rewards/accuracies": (c > r).float().mean()}
@@ -192,7 +194,8 @@ def dpo_sigmoid_loss(
     """DPO (Rafailov et al. 2023), cDPO when ε > 0: L = −(1−ε) log σ(βh) − ε log σ(−βh),
     h = (log πθ(yw) − log πref(yw)) − (log πθ(yl) − log πref(yl)), summed token log-probs.
 
-    REFERENCE.md lines 44–46; with πθ = πref the loss is ln 2. Shapes: all inputs (B,) -> scalar (mean over pairs).
+    docs/reference.md §DPO family; with πθ = πref the loss is ln 2. Shapes: all inputs (B,) -> scalar (mean over
+    pairs).
     """
     chosen_ratio, rejected_ratio = chosen_logps - ref_chosen_logps, rejected_logps - ref_rejected_logps  # (B,)
     logits = beta * (chosen_ratio - rejected_ratio)
@@ -221,7 +224,7 @@ def robust_dpo_loss(
     """Robust DPO (Chowdhury et al. 2024), unbiased under label flips with rate ε < 1/2:
     L = [−(1−ε) log σ(βh) + ε log σ(−βh)] / (1 − 2ε), h as in DPO.
 
-    REFERENCE.md line 46. Shapes: all inputs (B,) -> scalar.
+    docs/reference.md §DPO family. Shapes: all inputs (B,) -> scalar.
     """
     if not 0 <= label_smoothing < 0.5:
         raise ValueError(f"robust DPO needs 0 <= label_smoothing < 0.5, got {label_smoothing}")
@@ -241,7 +244,8 @@ def ipo_loss(
 ) -> tuple[Tensor, dict]:
     """IPO (Azar et al. 2023): L = (h − 1/(2τ))², h the log-ratio difference of per-token MEAN log-probs; τ = beta.
 
-    REFERENCE.md line 47. The squared loss pulls h to the finite target 1/(2τ) instead of pushing it to infinity.
+    docs/reference.md §DPO family. The squared loss pulls h to the finite target 1/(2τ) instead of pushing it to
+    infinity.
     Shapes: all inputs (B,) -> scalar.
     """
     chosen_ratio, rejected_ratio = chosen_logps - ref_chosen_logps, rejected_logps - ref_rejected_logps
@@ -269,7 +273,8 @@ def hinge_loss(
 def simpo_loss(chosen_logps: Tensor, rejected_logps: Tensor, beta: float = 2.0, gamma: float = 1.0) -> tuple[Tensor, dict]:
     """SimPO (Meng et al. 2024), no reference: L = −log σ(β·logπθ(yw)/|yw| − β·logπθ(yl)/|yl| − γ).
 
-    REFERENCE.md line 48. Inputs are per-token MEAN log-probs (the 1/|y| of the formula), see `sequence_logprobs`.
+    docs/reference.md §DPO family. Inputs are per-token MEAN log-probs (the 1/|y| of the formula), see
+    `sequence_logprobs`.
     Shapes: chosen_logps, rejected_logps (B,) -> scalar. Metrics rewards = β·mean log-prob.
     """
     logits = beta * (chosen_logps - rejected_logps) - gamma
@@ -288,7 +293,7 @@ def orpo_loss(
     """ORPO (Hong et al. 2024), no reference: L = NLL(yw) + λ·(−log σ(log odds(yw) − log odds(yl))),
     odds = P/(1−P), P = exp(mean token log-prob).
 
-    REFERENCE.md line 49. Inputs are per-token MEAN log-probs (B,). `chosen_nll` is the SFT term on the chosen
+    docs/reference.md §DPO family. Inputs are per-token MEAN log-probs (B,). `chosen_nll` is the SFT term on the chosen
     responses (a scalar, e.g. `sft_loss` over the chosen tokens); default −mean(chosen_logps).
     Metrics rewards = λ·mean log-prob, plus nll and log_odds_ratio.
     """
@@ -314,8 +319,8 @@ def kto_loss(
     z0 = max(0, mean(kl_logps − ref_kl_logps)), detached; desirable: λD(1 − σ(β(r − z0))), undesirable:
     λU(1 − σ(β(z0 − r))); mean over examples.
 
-    REFERENCE.md lines 50–51. kl_logps / ref_kl_logps are summed log-probs of MISMATCHED pairs (completion of another
-    prompt of the batch), the batch estimate of KL(πθ‖πref). Shapes: logps, ref_logps, desirable (bool) (B,);
+    docs/reference.md §DPO family. kl_logps / ref_kl_logps are summed log-probs of MISMATCHED pairs (completion of
+    another prompt of the batch), the batch estimate of KL(πθ‖πref). Shapes: logps, ref_logps, desirable (bool) (B,);
     kl_logps, ref_kl_logps (B',) -> scalar. Metrics: rewards/chosen (rejected) = mean βr over (un)desirable examples,
     0 when there are none; kl = z0.
     """
@@ -361,7 +366,7 @@ PREFERENCE_LOSSES: dict[str, LossSpec] = {
 
 # --- loss aggregation over (B, T) per-token losses ------------------------------------------------------------------
 def token_mean(x: Tensor, mask: Tensor, denominator: float | Tensor | None = None) -> Tensor:
-    """DAPO token-level loss: 1/Σ_i|o_i| · Σ_i Σ_t ℓ_{i,t} (REFERENCE.md line 61).
+    """DAPO token-level loss: 1/Σ_i|o_i| · Σ_i Σ_t ℓ_{i,t} (docs/reference.md §Group policy gradients).
 
     denominator: the response-token count; pass the global batch's count under accumulation / data parallelism.
     """
@@ -369,7 +374,8 @@ def token_mean(x: Tensor, mask: Tensor, denominator: float | Tensor | None = Non
 
 
 def seq_mean_token_mean(x: Tensor, mask: Tensor, denominator: float | Tensor | None = None) -> Tensor:
-    """GRPO: mean over sequences of per-sequence token means, 1/G Σ_i 1/|o_i| Σ_t ℓ_{i,t} (REFERENCE.md line 57).
+    """GRPO: mean over sequences of per-sequence token means, 1/G Σ_i 1/|o_i| Σ_t ℓ_{i,t}
+    (docs/reference.md §Group policy gradients).
 
     denominator: the number of sequences (default: rows with at least one response token; empty rows add 0).
     """
@@ -379,7 +385,8 @@ def seq_mean_token_mean(x: Tensor, mask: Tensor, denominator: float | Tensor | N
 
 
 def seq_mean_token_sum_norm(x: Tensor, mask: Tensor, denominator: float | Tensor | None = None) -> Tensor:
-    """Dr. GRPO: Σ_i Σ_t ℓ_{i,t} / (G · L) with a constant L such as the generation budget (REFERENCE.md line 59).
+    """Dr. GRPO: Σ_i Σ_t ℓ_{i,t} / (G · L) with a constant L such as the generation budget
+    (docs/reference.md §Group policy gradients).
 
     denominator: number of sequences × L; default B·T, which is that when responses are padded to the budget.
     """
@@ -406,7 +413,8 @@ def ppo_policy_loss(
 ) -> tuple[Tensor, dict]:
     """PPO clipped surrogate (Schulman et al. 2017): ℓ = −min(ρÂ, clip(ρ, 1−ε_low, 1+ε_high)Â), ρ = exp(logp − old_logp).
 
-    REFERENCE.md line 22 (ε = 0.2); clip-higher ε_high = 0.28 of DAPO (line 60) when `clip_high` is given.
+    docs/reference.md §PPO (ε = 0.2); clip-higher ε_high = 0.28 of DAPO (§Group policy gradients) when `clip_high`
+    is given.
     Shapes: logprobs, old_logprobs, advantages, response_mask (B, T) -> scalar, reduced by AGGREGATIONS[aggregation].
     Metrics: clipfrac (share of tokens where the clipped term is active), approx_kl = mean (ρ − 1) − log ρ (k3 of
     KL(π_old‖πθ) on samples from π_old), ratio_mean.
@@ -436,7 +444,7 @@ def value_loss(
 ) -> tuple[Tensor, dict]:
     """Clipped value loss: ½·max((V − R)², (clip(V, V_old − ε_v, V_old + ε_v) − R)²); ½(V − R)² when clip is None.
 
-    REFERENCE.md line 23 (ε_v = 0.2). Shapes: values, old_values, returns, response_mask (B, T) -> scalar.
+    docs/reference.md §PPO (ε_v = 0.2). Shapes: values, old_values, returns, response_mask (B, T) -> scalar.
     Metrics: vf_clipfrac (share of tokens where the clipped error is the larger), value_mean.
     """
     mask = response_mask.to(values.dtype)

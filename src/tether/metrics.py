@@ -2,8 +2,8 @@
 
 Diversity of samples (`distinct_n`, `repetition_rate`), health of a value model (`explained_variance`), calibration of
 a reward model (`expected_calibration_error`), agreement of raters (`cohen_kappa`), best-of-N theory and its unbiased
-estimate (`bon_kl`, `expected_max_normal`, `unbiased_bon_estimate`, REFERENCE.md lines 69–72), and the sequence-level
-KL that goes on the x-axis of reward-vs-KL plots (`sequence_kl`).
+estimate (`bon_kl`, `expected_max_normal`, `unbiased_bon_estimate`, docs/reference.md §Best-of-N and
+over-optimisation), and the sequence-level KL that goes on the x-axis of reward-vs-KL plots (`sequence_kl`).
 """
 
 from __future__ import annotations
@@ -86,14 +86,16 @@ def cohen_kappa(labels_a: Sequence[Hashable], labels_b: Sequence[Hashable]) -> f
 
 
 def bon_kl(n: int) -> float:
-    """KL(π_bon ‖ π) = log n − (n−1)/n (Stiennon et al. 2020; an upper bound for discrete outputs), REFERENCE.md line 69."""
+    """KL(π_bon ‖ π) = log n − (n−1)/n (Stiennon et al. 2020; an upper bound for discrete outputs),
+    docs/reference.md §Best-of-N and over-optimisation."""
     return math.log(n) - (n - 1) / n
 
 
 def expected_max_normal(n: int, points: int = 20001, limit: float = 10.0) -> float:
     """E[max of n iid N(0,1)] = ∫ x · n φ(x) Φ(x)^{n−1} dx by the trapezoid rule on [−limit, limit].
 
-    The proxy reward gained by best-of-n under a N(0,1) proxy, REFERENCE.md line 71 (2: 0.564, 4: 1.029, 8: 1.424).
+    The proxy reward gained by best-of-n under a N(0,1) proxy, docs/reference.md §Best-of-N and over-optimisation
+    (2: 0.564, 4: 1.029, 8: 1.424).
     """
     x = torch.linspace(-limit, limit, points, dtype=torch.float64)
     phi = torch.exp(-0.5 * x**2) / math.sqrt(2 * math.pi)
@@ -103,7 +105,8 @@ def expected_max_normal(n: int, points: int = 20001, limit: float = 10.0) -> flo
 
 def unbiased_bon_estimate(proxy: Sequence[float], gold: Sequence[float], n: int) -> float:
     """E[gold(best-of-n by proxy)] from N ≥ n samples, without resampling (Nakano et al. 2021; Gao et al. 2022):
-    sort ascending by proxy, E = Σ_{k=n}^{N} C(k−1, n−1)/C(N, n) · gold(x_(k))   (REFERENCE.md line 72).
+    sort ascending by proxy, E = Σ_{k=n}^{N} C(k−1, n−1)/C(N, n) · gold(x_(k))
+    (docs/reference.md §Best-of-N and over-optimisation).
 
     C(k−1, n−1)/C(N, n) is the probability that x_(k) is the proxy-best of a uniformly drawn n-subset. Ties in the
     proxy are broken by sample order. Weights in log space (lgamma) so N in the thousands is fine.
@@ -134,8 +137,9 @@ def bon_kl_discrete(masses: Sequence[float], n: int) -> float:
 
     With F_j = Σ_{i≤j} q_i, best-of-n lands on level j with probability F_j^n − F_{j−1}^n and, within a level, on each
     output in proportion to π, so KL = Σ_j (F_j^n − F_{j−1}^n) · log((F_j^n − F_{j−1}^n) / q_j). For K equally likely
-    distinct levels it tends to log n − (n−1)/n (`bon_kl`) as K → ∞ and stays below it: the bound of REFERENCE.md
-    line 69 is reached only when no two outputs tie. Zero-mass levels are skipped.
+    distinct levels it tends to log n − (n−1)/n (`bon_kl`) as K → ∞ and stays below it: the bound of
+    docs/reference.md §Best-of-N and over-optimisation is reached only when no two outputs tie. Zero-mass levels are
+    skipped.
     """
     total = float(sum(masses))
     kl, below = 0.0, 0.0  # below: F_{j−1}

@@ -1,11 +1,11 @@
 """Loading and saving models: policy, reference, reward and value, from normal Hugging Face directories.
 
 - `load_tokenizer(path)`: AutoTokenizer with a pad token guaranteed (EOS as a last resort).
-- `load_causal_lm(path, lora=...)`: dropout off (REFERENCE.md: "Dropout off in all models"), optional LoRA via peft.
+- `load_causal_lm(path, lora=...)`: dropout off (docs/reference.md §PPO: dropout off in all models), optional LoRA via peft.
 - `load_reward_model(path)`: AutoModelForSequenceClassification with one label; a causal-LM directory gets a fresh
   scalar head initialised N(0, 1/(d_model+1)) (Stiennon et al.), bias 0.
-- `frozen_copy(model)` / `disabled_adapters(model)`: the reference policy, as a second copy or (with LoRA) as the
-  base weights with adapters switched off, so one copy of the base weights serves both.
+- `frozen_copy(model)`: a frozen second copy (the reference policy without LoRA; with LoRA the reference is the base
+  with adapters off, `wrappers.disabled_adapters`).
 - `save_pretrained(model, path, tokenizer, merge_lora)`: a directory other tools load unchanged.
 """
 
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import json
-from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +25,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 from transformers import logging as hf_logging
+
+from tether.wrappers import has_adapters
 
 
 @dataclass
@@ -98,7 +99,7 @@ def apply_lora(model, lora: LoraSettings | None, task_type: str = "CAUSAL_LM"):
 
 
 def init_score_head(head: torch.nn.Linear, d_model: int, generator: torch.Generator | None = None) -> None:
-    """Reward head init N(0, 1/(d_model+1)), bias 0 (Stiennon et al. 2020; REFERENCE.md "Head init")."""
+    """Reward head init N(0, 1/(d_model+1)), bias 0 (Stiennon et al. 2020; docs/reference.md §Reward model)."""
     with torch.no_grad():
         head.weight.normal_(0.0, (1.0 / (d_model + 1)) ** 0.5, generator=generator)
         if head.bias is not None:
@@ -131,30 +132,6 @@ def frozen_copy(model):
     return ref
 
 
-def has_adapters(model) -> bool:
-    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
-
-
-@contextmanager
-def disabled_adapters(model):
-    """Run the LoRA base model with adapters off (the reference policy sharing the policy's base weights)."""
-    ctx = model.disable_adapter() if has_adapters(model) else nullcontext()
-    with ctx:
-        yield model
-
-
-class AdaptersOff(torch.nn.Module):
-    """A module whose forward runs `model` with its LoRA adapters disabled: the shared reference as a model."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, *args, **kwargs):
-        with disabled_adapters(self.model):
-            return self.model(*args, **kwargs)
-
-
 def save_pretrained(model, path: str | Path, tokenizer=None, merge_lora: bool = True) -> Path:
     """Save a normal HF directory (safetensors); LoRA is merged into a copy unless merge_lora=False."""
     path = Path(path)
@@ -169,71 +146,3 @@ def save_pretrained(model, path: str | Path, tokenizer=None, merge_lora: bool = 
 
 def count_parameters(model, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
-
-
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """(B, T) positions counting only real tokens, so left-padded rows start at 0 like unpadded ones."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
-    """(B,) index of the last real token of each row (right or left padding)."""
-    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
-    return (positions * attention_mask.long()).argmax(-1)
-
-
-def _hf_model(model):
-    model = getattr(model, "module", model)  # DDP
-    return model.get_base_model() if has_adapters(model) else model
-
-
-def reward_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, normalize: bool = True,
-                  padding_free: bool = True, prefix_lengths: torch.Tensor | None = None):
-    """(B,) scalar rewards read at the last real token; with `normalize`, the stored gain/bias are applied.
-
-    A reward model's config may carry `reward_gain` and `reward_bias` (set after training so that reference
-    responses score mean 0, std 1: REFERENCE.md "Normalization after training"); every consumer goes through here,
-    so every consumer sees the same scale. The per-position head output is captured with a hook and gathered at
-    `last_token_index`, so padding on either side and a pad id equal to the EOS id are both handled (the model's own
-    pooling looks for the rightmost non-pad id, which is wrong when pad == EOS), and DDP/peft wrappers still see a
-    normal forward. With `padding_free`, rows are bin-packed when that saves rows (packing.py): same scores; with
-    `prefix_lengths` (the real prompt tokens of each row) too, rows with the same prompt share one copy of it.
-    """
-    from tether import packing
-
-    captured: dict[str, torch.Tensor] = {}
-    hf = _hf_model(model)
-    hook = hf.score.register_forward_hook(lambda _m, _i, out: captured.update(logits=out))  # (B, T, 1)
-    p = packing.plan_for(hf, input_ids, attention_mask, prefix_lengths, padding_free)
-    try:
-        with packing.attention_for(p, hf):
-            model(**packing.forward_inputs(hf, input_ids, attention_mask, p))
-    finally:
-        hook.remove()
-    per_token = captured["logits"] if p is None else packing.unpack(captured["logits"], p)  # (B, T, 1)
-    rows = torch.arange(len(input_ids), device=input_ids.device)
-    scores = per_token[rows, last_token_index(attention_mask), 0].float()
-    if normalize:
-        scores = (scores - getattr(hf.config, "reward_bias", 0.0)) * getattr(hf.config, "reward_gain", 1.0)
-    return scores
-
-
-def token_values(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None,
-                 normalize: bool = True, **forward_kwargs) -> torch.Tensor:
-    """(B, T) value-head output at every position: the value model of PPO, a reward model read everywhere.
-
-    The trunk (`base_model_prefix`, LoRA layers included) gives hidden states (B, T, d) and the score head maps each
-    to a scalar. With `normalize` the stored reward gain/bias are applied as in `reward_scores`, so a value model
-    initialised from a reward model starts on the scale of the rewards it has to predict (N+: value from the RM).
-    `forward_kwargs` go to the trunk (a flat row's `tether_spans`: packing.py).
-    """
-    hf = _hf_model(model)
-    trunk = getattr(hf, hf.base_model_prefix)
-    if position_ids is None:
-        position_ids = position_ids_from_mask(attention_mask)
-    hidden = trunk(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                   use_cache=False, **forward_kwargs).last_hidden_state  # (B, T, d)
-    values = hf.score(hidden).squeeze(-1).float()  # (B, T)
-    if normalize:
-        values = (values - getattr(hf.config, "reward_bias", 0.0)) * getattr(hf.config, "reward_gain", 1.0)
-    return values

@@ -1,10 +1,11 @@
-"""Padding-free forwards: the rows of a padded batch bin-packed into fewer rows, a shared prompt stored once.
+"""Layouts of a padded batch: its rows bin-packed into fewer rows, a shared prompt stored once, or one flat row.
 
-    lp = token_logprobs(model, ids, mask)      # (N, T-1), as from the padded forward, without computing the pads
-    lp = token_logprobs(model, ids, mask, prefix_lengths=prompt_lens)  # rows with the same prompt share it
     p = plan(mask)                             # None when packing would not pay
+    p = plan_for(model, ids, mask, prefix_lengths=prompt_lens)   # the model's κ; rows with one prompt share it
     out = model(input_ids=pack(ids, p), position_ids=p.position_ids, use_cache=False)
     per_token = unpack(out_tensor, p)          # (R, W, ...) -> (N, T, ...) in the padded layout
+
+This module only plans layouts and moves tokens in and out of them; forward.py runs models over them.
 
 A batch padded to its longest row spends its forward and backward on pad tokens: with lengths spread evenly up to
 the width, about half the work. `plan` places each row's real tokens (one contiguous span: right padding, left
@@ -39,7 +40,7 @@ rows with a tree mask: 1.25x); DPO's and SFT's short rows keep the packed rows, 
 This is not packing across the data set (`data.pack_examples`, which changes what a batch holds): the examples of a
 step are the same either way, so the loss and the gradient are the same up to the order of float sums;
 tests/test_packing.py checks log-probs, reward scores, PPO's logits and values and the gradients against the padded
-forward. A plan that does not pay returns None and the caller runs the padded forward.
+forward. A plan that does not pay returns None and forward.py runs the padded forward.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from tether.losses import logprobs_from_logits
+from tether.wrappers import hf_model, model_config
 
 
 @dataclass
@@ -308,8 +309,15 @@ def unpack(values: torch.Tensor, p: Packing, fill: float = 0.0, skip_first: bool
     return out.index_copy(0, src, flat[dst]).view(*p.shape, *rest)
 
 
-def _config(model):
-    return getattr(getattr(model, "module", model), "config", None)  # DDP keeps the model in .module
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) positions counting only real tokens, so left-padded rows start at 0 like unpadded ones."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B,) index of the last real token of each row (right or left padding)."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (positions * attention_mask.long()).argmax(-1)
 
 
 # --- attention sequence by sequence over one flat row -------------------------------------------------------------------
@@ -378,9 +386,7 @@ def flat_attention_ok(model) -> bool:
     """Whether `model` can run a flat row: a transformers model whose attention goes through the attention interface
     (sdpa or eager), without gradient checkpointing (its re-run forward would not see the span attention) and
     without sliding-window layers."""
-    from tether.models import _hf_model
-
-    hf = _hf_model(model)
+    hf = hf_model(model)
     config = getattr(hf, "config", None)
     if config is None or not getattr(type(hf), "_supports_attention_backend", False):
         return False
@@ -400,7 +406,7 @@ def attention_for(p: Packing | None, *models):
     if p is None or p.spans is None:
         yield
         return
-    configs = [_config(m) for m in models]
+    configs = [model_config(m) for m in models]
     before = [c._attn_implementation for c in configs]
     for c in configs:
         c._attn_implementation = SPAN_ATTENTION
@@ -422,7 +428,7 @@ def plan_for(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prefi
     models in `also` (others the same forward runs) all take one; None when switched off."""
     if not padding_free:
         return None
-    config = _config(model)
+    config = model_config(model)
     share = prefix_lengths is not None and shares_prompts(config)
     return plan(attention_mask, attention_ratio(config), ids=input_ids if share else None,
                 prefix_lengths=prefix_lengths if share else None,
@@ -433,64 +439,8 @@ def packed_attention_mask(p: Packing, model) -> torch.Tensor | None:
     """What the packed forward gets as attention_mask: None (the block-diagonal mask comes from the position
     restarts), or the tree mask of shared prompts as the model's attention wants it (bool for sdpa, additive in the
     weights' dtype for eager)."""
-    if p.visible is None or getattr(_config(model), "_attn_implementation", "sdpa") != "eager":
+    if p.visible is None or getattr(model_config(model), "_attn_implementation", "sdpa") != "eager":
         return p.visible
     dtype = next(model.parameters()).dtype
     return torch.zeros(p.visible.shape, dtype=dtype, device=p.visible.device).masked_fill(~p.visible,
                                                                                            torch.finfo(dtype).min)
-
-
-def forward_inputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, p: Packing | None) -> dict:
-    """The keyword arguments of one forward without a cache: the padded batch (its mask, positions from the mask) or,
-    with a plan, the packed one."""
-    from tether.models import position_ids_from_mask
-
-    if p is None:
-        return {"input_ids": input_ids, "attention_mask": attention_mask,
-                "position_ids": position_ids_from_mask(attention_mask), "use_cache": False}
-    if p.spans is not None:  # run it inside `attention_for(p, model)`
-        return {"input_ids": pack(input_ids, p), "attention_mask": NO_MASK.to(input_ids.device),
-                "position_ids": p.position_ids, "use_cache": False, "tether_spans": p.spans}
-    return {"input_ids": pack(input_ids, p), "attention_mask": packed_attention_mask(p, model),
-            "position_ids": p.position_ids, "use_cache": False}
-
-
-def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float = 1.0,
-                   padding_free: bool = True, prefix_lengths: torch.Tensor | None = None) -> torch.Tensor:
-    """(N, T-1) log-probs of tokens 1..T-1 under logits / T, one forward, packed when that pays.
-
-    Column t is log p(token t+1 | tokens <= t) as `logprobs_from_logits(model(ids).logits[:, :-1], ids[:, 1:])` gives
-    it; pads and each row's first real token are 0 on the packed path and whatever the padded forward computes on the
-    other, so multiply by a mask of real predicted tokens (a response or label mask). `prefix_lengths` (N,), the
-    real prompt tokens of each row, lets rows with the same prompt share it (DPO's chosen and rejected, a GRPO
-    group)."""
-    p = plan_for(model, input_ids, attention_mask, prefix_lengths, padding_free)
-    inputs = forward_inputs(model, input_ids, attention_mask, p)
-    ids = inputs["input_ids"]
-    with attention_for(p, model):
-        logits = model(**inputs).logits  # (N, T, V) padded, (R, W, V) packed
-    lp = logprobs_from_logits(logits[:, :-1], ids[:, 1:], temperature=temperature)
-    if p is None:
-        return lp
-    lp = F.pad(lp, (1, 0))  # packed: column t holds the log-prob of token t, taken from slot t-1
-    if p.jump_cols is not None:  # a response's first token after a shared prompt: predicted from the prompt's end
-        flat = logits.reshape(-1, logits.shape[-1])
-        fixed = logprobs_from_logits(flat[p.jump_parents][None], ids.reshape(-1)[p.jump_cols][None], temperature)[0]
-        lp = lp.reshape(-1).index_copy(0, p.jump_cols, fixed.to(lp.dtype)).view_as(lp)
-    return unpack(lp, p, skip_first=True)[:, 1:]
-
-
-def padded_outputs(forward, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, padding_free: bool = True,
-                   also=()):
-    """`forward(**forward_inputs(...))` -> a (rows, T, ...) tensor or a tuple of them, run packed when that pays (with
-    `model`'s κ, no prompt sharing), returned in the padded (N, T, ...) layout (0 at pads). `also`: the other models
-    `forward` runs (PPO's value model), which must run a flat row as `model` does.
-
-    For outputs at a position that depend only on the tokens up to it in its own sequence (logits, values): packed,
-    each real position sees exactly what it sees in the padded batch."""
-    p = plan_for(model, input_ids, attention_mask, None, padding_free, also)
-    with attention_for(p, model, *also):
-        out = forward(**forward_inputs(model, input_ids, attention_mask, p))
-    if p is None:
-        return out
-    return tuple(unpack(o, p) for o in out) if isinstance(out, tuple) else unpack(out, p)

@@ -63,17 +63,13 @@ def sample_responses(model, tokenizer, prompts: Sequence, n: int, max_new_tokens
                      temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, batch_size: int = 64,
                      max_prompt_len: int = 256) -> list[list[str]]:
     """n sampled responses per prompt (a string or chat turns), as texts without EOS."""
-    from tether.generation import decode_responses, sample
+    from tether.generation import sample_records
 
-    ids = [D.encode_prompt(tokenizer, p, max_prompt_len)[0] for p in prompts for _ in range(n)]
     generator = torch.Generator(next(model.parameters()).device).manual_seed(seed)
-    texts: list[str] = []
-    for start in range(0, len(ids), batch_size):
-        rollout = sample(model, ids[start:start + batch_size], max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, temperature=temperature, top_p=top_p,
-                         generator=generator)
-        texts.extend(decode_responses(tokenizer, rollout))
-    return [texts[i * n:(i + 1) * n] for i in range(len(prompts))]
+    samples = sample_records(model, tokenizer, [{"prompt": p} for p in prompts], n, max_new_tokens=max_new_tokens,
+                             temperature=temperature, top_p=top_p, generator=generator, max_prompt_len=max_prompt_len,
+                             batch_size=batch_size)
+    return [g["completions"] for g in samples.groups(n)]
 
 
 def model_critic(model_dir: str, max_new_tokens: int = 48) -> Callable[[list, list[str]], list[str]]:

@@ -10,13 +10,16 @@
    missing_eos_penalty=none it keeps its score and can). For every n in `ns` the table (bon_table.csv and
    summary.json) reports, averaged over prompts:
    - proxy_bon / gold_bon: E[reward of the proxy-best of n], by the unbiased estimator Σ C(k−1,n−1)/C(N,n)·x_(k)
-     over the N samples of a prompt (metrics.unbiased_bon_estimate, REFERENCE.md line 72) — no resampling;
-   - kl_analytic = log n − (n−1)/n, the KL(π_bon ‖ π) to report (Stiennon et al. 2020; REFERENCE.md line 69);
+     over the N samples of a prompt (metrics.unbiased_bon_estimate,
+     docs/reference.md §Best-of-N and over-optimisation) — no resampling;
+   - kl_analytic = log n − (n−1)/n, the KL(π_bon ‖ π) to report (Stiennon et al. 2020;
+     docs/reference.md §Best-of-N and over-optimisation);
    - kl_empirical: the exact KL of best-of-n over each prompt's empirical distribution, ties counted
      (metrics.bon_kl_empirical): equal to kl_analytic up to sampling error when the policy's responses all differ,
      lower when it repeats itself (the analytic value is an upper bound for discrete outputs);
    - proxy_gain_z: E[best-of-n proxy] − mean, in units of the prompt's proxy std, next to normal_max = E[max of n
-     N(0,1)] (0.564, 1.029, 1.424, 1.766 for n = 2, 4, 8, 16; REFERENCE.md line 71): equal if the proxy is normal.
+     N(0,1)] (0.564, 1.029, 1.424, 1.766 for n = 2, 4, 8, 16;
+     docs/reference.md §Best-of-N and over-optimisation): equal if the proxy is normal.
    Every sample (samples.jsonl) and each prompt's winner (winners.jsonl, demonstrations format) are kept.
 2. `sft=true`: rejection-sampling fine-tuning (expert iteration when rounds > 1). Each round samples n responses per
    TRAINING prompt from the current policy, keeps the proxy-best (if it ended with EOS), and runs `tether sft` on
@@ -43,8 +46,10 @@ import torch
 
 from tether import data as D
 from tether.config import ConfigError, load_config, opt, save_config
-from tether.generation import decode_responses, sample
+from tether.evaluate import evaluate_policy
+from tether.generation import sample_records
 from tether.metrics import bon_kl, bon_kl_empirical, expected_max_normal, unbiased_bon_estimate
+from tether.prompts import load_prompts, load_task
 
 log = logging.getLogger(__name__)
 
@@ -101,26 +106,11 @@ class BoNConfig:
 
 
 # --- sampling and scoring -------------------------------------------------------------------------------------------
-@torch.no_grad()
-def sample_groups(model, tokenizer, records: list[dict], k: int, generator, max_new_tokens: int,
-                  temperature: float = 1.0, max_prompt_len: int | None = None, batch_size: int = 64) -> list[dict]:
-    """k responses per record: [{"record", "prompt", "completions": [k], "has_eos": [k]}], in record order."""
-    rows = [r for r in records for _ in range(k)]
-    completions, has_eos = [], []
-    for i in range(0, len(rows), batch_size):
-        chunk = rows[i : i + batch_size]
-        ids = [D.encode_prompt(tokenizer, D.prompt_of(r), max_prompt_len)[0] for r in chunk]
-        out = sample(model, ids, max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-                     pad_token_id=tokenizer.pad_token_id, temperature=temperature, generator=generator)
-        completions += decode_responses(tokenizer, out)
-        has_eos += out.has_eos.tolist()
-    return [{"record": r, "prompt": D.prompt_of(r), "completions": completions[j * k : (j + 1) * k],
-             "has_eos": has_eos[j * k : (j + 1) * k]} for j, r in enumerate(records)]
-
-
 def _sample(cfg: BoNConfig, model, tokenizer, records: list[dict], k: int, generator) -> list[dict]:
-    return sample_groups(model, tokenizer, records, k, generator, cfg.max_new_tokens, cfg.temperature,
-                         cfg.max_prompt_len, cfg.batch_size)
+    """k responses per record: [{"record", "prompt", "completions": [k], "has_eos": [k]}], in record order."""
+    return sample_records(model, tokenizer, records, k, max_new_tokens=cfg.max_new_tokens,
+                          temperature=cfg.temperature, generator=generator, max_prompt_len=cfg.max_prompt_len,
+                          batch_size=cfg.batch_size).groups(k)
 
 
 def score_groups(groups: list[dict], reward, penalty: float | None, task=None) -> None:
@@ -209,11 +199,9 @@ def fine_tune_round(cfg: BoNConfig, model_dir: str, data: Path, out: Path) -> st
 
 def expert_iteration(cfg: BoNConfig, tokenizer, reward, task, run_dir: Path, held: list[dict]) -> dict:
     """`rounds` of sample n -> keep the best -> SFT, then gold/KL of the final model vs the start (held out)."""
-    from tether.evaluate import evaluate_policy
     from tether.models import load_causal_lm
 
-    train = (list(D.load_records(cfg.train_prompts, "prompts")) if cfg.train_prompts
-             else task.prompts("train", cfg.n_train_prompts, seed=cfg.seed))[: cfg.n_train_prompts]
+    train = load_prompts(cfg.train_prompts, task, "train", cfg.n_train_prompts, cfg.seed, key="train_prompts")
     current, kept = cfg.model, []
     for r in range(cfg.rounds):
         round_dir = run_dir / f"round-{r}"
@@ -236,12 +224,6 @@ def expert_iteration(cfg: BoNConfig, tokenizer, reward, task, run_dir: Path, hel
 
 
 # --- the recipe -----------------------------------------------------------------------------------------------------
-def held_out_prompts(cfg: BoNConfig, task) -> list[dict]:
-    records = list(D.load_records(cfg.prompts, "prompts")) if cfg.prompts else \
-        task.prompts("test", cfg.n_prompts, seed=cfg.seed)
-    return records[: cfg.n_prompts]
-
-
 def run(cfg: BoNConfig) -> dict:
     from tether.models import load_causal_lm, load_tokenizer
     from tether.rewards.spec import reward_from_spec
@@ -250,15 +232,11 @@ def run(cfg: BoNConfig) -> dict:
     run_dir = Path(cfg.out or f"runs/bon-{time.strftime('%Y%m%d-%H%M%S')}")
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
-    task = None
-    if cfg.task:
-        from tether.tasks import get_task
-
-        task = get_task(cfg.task)
+    task = load_task(cfg.task)
     spec = f"rm:{cfg.reward}" if Path(cfg.reward).is_dir() else cfg.reward
     reward = reward_from_spec(spec)
     tokenizer, model = load_tokenizer(cfg.model), load_causal_lm(cfg.model).eval()
-    held = held_out_prompts(cfg, task)
+    held = load_prompts(cfg.prompts, task, "test", cfg.n_prompts, cfg.seed)
 
     generator = torch.Generator().manual_seed(cfg.seed * 1_000_003)
     groups = _sample(cfg, model, tokenizer, held, cfg.n_samples(), generator)

@@ -5,7 +5,7 @@
     tether dpo model=... data=unpaired.jsonl loss=kto                          # {"prompt","completion","label"}
     tether dpo model=... data=prefs.jsonl rpo_alpha=1                          # + α·NLL of the chosen (RPO)
     tether dpo model=... data=prefs.jsonl task=reviews eval_every=20           # + gold reward and KL on held-out prompts
-    tether dpo online=true model=... task=reviews label_source=raters rounds=4  # online/iterative DPO (online_dpo.py)
+    tether dpo online model=... task=reviews label_source=raters rounds=4      # online/iterative DPO (online_dpo.py)
 
 The loss comes by name from `losses.PREFERENCE_LOSSES`, which also says whether it needs the reference policy and
 whether sequence log-probs are summed or averaged per token. By design:
@@ -17,12 +17,12 @@ whether sequence log-probs are summed or averaged per token. By design:
 KTO pairs each completion with the next example's prompt to estimate its reference point z0 (the batch KL).
 With a task, held-out gold reward and KL to the reference are measured at the start, every `eval_every` steps and at
 the end (evals.jsonl, as PPO writes it); summary.json compares start and end.
-`online=true` samples the pairs from the policy itself, round after round: see recipes/online_dpo.py.
+`tether dpo online` samples the pairs from the policy itself, round after round: recipes/online_dpo.py, which
+builds on this module's pieces (this module knows nothing of it).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 
@@ -31,25 +31,20 @@ import torch
 from tether import data as D
 from tether.config import ConfigError, opt
 from tether.engine import Engine, TrainConfig, steps_for
+from tether.evaluate import append_eval, held_out_eval
+from tether.forward import sequence_logps
 from tether.losses import PREFERENCE_LOSSES, rpo_nll
-from tether.models import (
-    AdaptersOff,
-    LoraSettings,
-    frozen_copy,
-    has_adapters,
-    load_causal_lm,
-    load_tokenizer,
-)
-from tether.packing import token_logprobs
+from tether.models import LoraSettings, load_causal_lm, load_tokenizer
+from tether.prompts import load_prompts, load_task
+from tether.reference import ReferencePolicy
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class DPOConfig(TrainConfig):
-    model: str = opt("", "policy to train, usually the SFT model (also the reference; required)")
-    data: str = opt("", "preference pairs {prompt, chosen, rejected}, K-way rankings (as their C(K,2) pairs), or "
-                        "unpaired {prompt, completion, label} for kto")
+class PreferenceFields:
+    """The preference loss and how its data are cut: what offline and online DPO share."""
+
     loss: str = opt("dpo", "dpo | robust_dpo | ipo | hinge | simpo | orpo | kto")
     beta: float = opt(0.1, "β: strength of the KL tether (IPO: τ; SimPO: reward scale)")
     label_smoothing: float = opt(0.0, "cDPO / robust DPO label-noise rate ε")
@@ -60,43 +55,45 @@ class DPOConfig(TrainConfig):
     undesirable_weight: float = opt(1.0, "KTO λ_U")
     max_prompt_len: int = opt(256, "prompt tokens kept (cut from the left)")
     max_completion_len: int = opt(256, "completion tokens kept (cut from the right)")
-    skip_invalid: bool = opt(False, "skip invalid records (reported) instead of stopping at the first")
+
+
+@dataclass
+class HeldOutFields:
+    """Held-out gold reward and KL of the policy during training (evals.jsonl)."""
+
     task: str = opt("", "embedded task for gold reward and KL on held-out prompts (e.g. reviews)")
     eval_prompts: str = opt("", "held-out prompts (default: the task's test split)")
     n_eval_prompts: int = opt(64, "held-out prompts")
     eval_samples: int = opt(2, "samples per held-out prompt")
     eval_every: int = opt(0, "also evaluate on the held-out prompts every N steps, to evals.jsonl (0 = start and end)")
     max_new_tokens: int = opt(48, "generation budget for the evaluation samples (and online samples)")
+
+
+@dataclass
+class DPOConfig(HeldOutFields, PreferenceFields, TrainConfig):
+    model: str = opt("", "policy to train, usually the SFT model (also the reference; required)")
+    data: str = opt("", "preference pairs {prompt, chosen, rejected}, K-way rankings (as their C(K,2) pairs), or "
+                        "unpaired {prompt, completion, label} for kto")
+    skip_invalid: bool = opt(False, "skip invalid records (reported) instead of stopping at the first")
     lr: float = opt(5e-6, "peak learning rate (AdamW)")
-    online: bool = opt(False, "online/iterative DPO: sample pairs from the current policy each round (online_dpo.py)")
-    rounds: int = opt(3, "online: rounds of sample -> label -> train")
-    pairs_per_round: int = opt(256, "online: prompts per round, two responses each")
-    label_source: str = opt("raters", "online: raters (the task's simulated raters) | gold | rm:DIR | python:mod:fn")
-    label_tau: float = opt(1.0, "online, raters: Bradley-Terry noise τ of the simulated raters")
-    prompts: str = opt("", "online: training prompts (default: the task's train split)")
-    temperature: float = opt(1.0, "online: sampling temperature of the pairs")
 
     def validate(self) -> None:
         super().validate()
         if self.loss not in PREFERENCE_LOSSES:
             raise ConfigError(f"key 'loss' must be one of {sorted(PREFERENCE_LOSSES)}, got {self.loss!r}")
-        if not self.model or not (self.data or self.online):
-            raise ConfigError("dpo needs model=DIR and data=FILE (or online=true)")
-        if self.online:
-            if not PREFERENCE_LOSSES[self.loss].paired:
-                raise ConfigError(f"online=true samples pairs; loss={self.loss} needs unpaired data")
-            if not (self.prompts or self.task):
-                raise ConfigError("online=true needs prompts=FILE or task=NAME")
-            if self.label_source in ("raters", "gold") and not self.task:
-                raise ConfigError(f"label_source={self.label_source} needs task=NAME (its gold reward)")
+        self.validate_inputs()
+
+    def validate_inputs(self) -> None:
+        if not self.model or not self.data:
+            raise ConfigError("dpo needs model=DIR and data=FILE (or `tether dpo online` to sample its pairs)")
 
 
-def encode(cfg: DPOConfig, tokenizer, paired: bool, path: str | None = None) -> list:
+def encode(cfg, tokenizer, paired: bool, path: str | None = None, skip_invalid: bool = False) -> list:
     """Encoded training records. K-way rankings become their C(K,2) pairs, better completion chosen (the DPO
     paper's IMDb data: 4 completions a prompt -> 6 pairs)."""
     path = path or cfg.data
     kind = "unpaired" if not paired else D.detect_kind(path)
-    records = D.load_records(path, kind, skip_invalid=cfg.skip_invalid)
+    records = D.load_records(path, kind, skip_invalid=skip_invalid)
     if kind == "rankings":
         records = [pair for ranking in records for pair in D.expand_ranking(ranking)]
     encode_one = D.encode_pair if paired else D.encode_unpaired
@@ -120,25 +117,16 @@ def collate(examples: list, pad_id: int, paired: bool) -> dict:
     return batch
 
 
-def sequence_logps(model, batch: dict, average: bool, padding_free: bool = True) -> torch.Tensor:
-    """(rows,) summed (or per-token mean) log-probs of the completion tokens, one forward for all rows (bin-packed
-    into fewer rows when that saves some, chosen and rejected sharing one copy of their prompt: packing.py)."""
-    token = token_logprobs(model, batch["input_ids"], batch["attention_mask"], padding_free=padding_free,
-                           prefix_lengths=D.prompt_lengths(batch))  # (rows, T-1); a pair shares its prompt
-    resp = batch["response_mask"][:, 1:].to(token.dtype)
-    total = (token * resp).sum(-1)
-    return total / resp.sum(-1).clamp(min=1) if average else total
-
-
-def loss_for(spec, cfg: DPOConfig, logps: torch.Tensor, ref: torch.Tensor | None, labels=None):
+def loss_for(spec, cfg: DPOConfig, logps: torch.Tensor, ref: tuple | None, labels=None):
+    """The named loss of a collated batch's log-probs (chosen rows, then rejected rows; KTO: matched rows, then the
+    mismatched rows of its reference point) and the reference's (chosen, rejected) pair of (b,) tensors."""
     hp = {h: getattr(cfg, h) for h in spec.hparams}
+    policy, policy_other = D.split_pairs(logps)
     if not spec.paired:
-        b = len(labels)
-        return spec.fn(logps[:b], ref[:b], labels, logps[b:], ref[b:], **hp)
-    b = len(logps) // 2
+        return spec.fn(policy, ref[0], labels, policy_other, ref[1], **hp)
     if spec.needs_reference:
-        return spec.fn(logps[:b], logps[b:], ref[:b], ref[b:], **hp)
-    return spec.fn(logps[:b], logps[b:], **hp)
+        return spec.fn(policy, policy_other, ref[0], ref[1], **hp)
+    return spec.fn(policy, policy_other, **hp)
 
 
 @torch.no_grad()
@@ -154,8 +142,7 @@ def reference_logps(engine, model, examples, cfg, spec, pad_id, path=None) -> to
         chunk = examples[i : i + cfg.batch_size]
         batch = {k: v.to(engine.device) for k, v in collate(chunk, pad_id, spec.paired).items()}
         rows = sequence_logps(model, batch, spec.logp_average, cfg.padding_free).cpu()
-        half = len(rows) // 2
-        out.append(torch.stack([rows[:half], rows[half:]], 1))  # (b, 2): chosen/matched, rejected/mismatched
+        out.append(torch.stack(D.split_pairs(rows), 1))  # (b, 2): chosen/matched, rejected/mismatched
     model.train()
     cached = torch.cat(out)
     if engine.is_main:
@@ -163,24 +150,11 @@ def reference_logps(engine, model, examples, cfg, spec, pad_id, path=None) -> to
     return cached
 
 
-def held_out(cfg, model, ref_model, tokenizer, task, records) -> dict:
-    from tether.evaluate import evaluate_policy
-
-    result = evaluate_policy(model, tokenizer, task, records, cfg.eval_samples, cfg.max_new_tokens, 1.0, ref_model,
-                             64, cfg.seed)
-    return {k: v for k, v in result.items() if isinstance(v, (int, float))}
-
-
-def eval_reference(model):
-    """The reference for held-out KL: a frozen copy of the starting policy, or with LoRA its base (adapters off)."""
-    return AdaptersOff(model) if has_adapters(model) else frozen_copy(model)
-
-
-def append_eval(engine, step: int, result: dict) -> None:
-    """One held-out evaluation as a line of evals.jsonl; step 0 starts the file afresh."""
-    if engine.is_main:
-        with (engine.run_dir / "evals.jsonl").open("w" if step == 0 else "a") as f:
-            f.write(json.dumps({"step": step, **result}) + "\n")
+def held_out(cfg, policy, ref_model, tokenizer, task, records) -> dict:
+    """Gold reward, KL to the reference, length, ... of the policy on the held-out prompts (numbers only)."""
+    return held_out_eval(policy, tokenizer, task, records, n_samples=cfg.eval_samples,
+                         max_new_tokens=cfg.max_new_tokens, temperature=1.0, ref_model=ref_model, batch_size=64,
+                         seed=cfg.seed)[0]
 
 
 def train_step(engine, model, examples, ref, spec, cfg, pad, step: int, data_step: int | None = None) -> dict:
@@ -191,12 +165,11 @@ def train_step(engine, model, examples, ref, spec, cfg, pad, step: int, data_ste
     for j, idx in enumerate(micro):
         batch = {k: v.to(engine.device) for k, v in collate([examples[i] for i in idx], pad, spec.paired).items()}
         logps = sequence_logps(model, batch, spec.logp_average, cfg.padding_free)
-        ref_rows = torch.cat([ref[idx, 0], ref[idx, 1]]).to(engine.device) if ref is not None else None
-        loss, parts = loss_for(spec, cfg, logps, ref_rows, batch.get("label"))
+        ref_pair = None if ref is None else (ref[idx, 0].to(engine.device), ref[idx, 1].to(engine.device))
+        loss, parts = loss_for(spec, cfg, logps, ref_pair, batch.get("label"))
         if cfg.rpo_alpha and spec.paired:  # RPO: + α·NLL(yw) per token (losses.rpo_nll)
-            half = len(logps) // 2
-            lengths = batch["response_mask"][:half, 1:].sum(-1)
-            nll = rpo_nll(logps[:half] * (lengths if spec.logp_average else 1), lengths)
+            chosen, lengths = D.split_pairs(logps)[0], D.split_pairs(batch["response_mask"])[0][:, 1:].sum(-1)
+            nll = rpo_nll(chosen * (lengths if spec.logp_average else 1), lengths)
             loss, parts = loss + cfg.rpo_alpha * nll, {**parts, "nll_chosen": nll}
         share = len(idx) / n_global  # mean over the micro-batch -> its share of the global mean
         engine.backward(loss * share, step, last_micro=j == len(micro) - 1)
@@ -221,50 +194,42 @@ def summarize(cfg, engine, metrics: dict, total: int, start_eval: dict, end_eval
 
 
 def run(cfg: DPOConfig) -> dict:
-    if cfg.online:
-        from tether.recipes.online_dpo import run_online
-
-        return run_online(cfg)
     spec = PREFERENCE_LOSSES[cfg.loss]
     engine = Engine(cfg, "dpo")
     tokenizer = load_tokenizer(cfg.model)
     model = load_causal_lm(cfg.model, LoraSettings.from_config(cfg)).to(engine.device)  # the reference passes first
     pad = tokenizer.pad_token_id
-    examples = encode(cfg, tokenizer, spec.paired)
-    task, held, ref_model = None, [], None
-    if cfg.task:
-        from tether.tasks import get_task
-
-        task = get_task(cfg.task)
-        held = held_out_records(cfg, task)
-        ref_model = eval_reference(model)
+    examples = encode(cfg, tokenizer, spec.paired, skip_invalid=cfg.skip_invalid)
+    task = load_task(cfg.task)
+    held = held_out_records(cfg, task) if task else []
+    ref_model = ReferencePolicy(model).model if task else None  # for the held-out KL only
     ref = reference_logps(engine, model, examples, cfg, spec, pad) if spec.needs_reference else None
     total = steps_for(len(examples), engine.global_batch, cfg.epochs, cfg.max_steps)
     model, _, _ = engine.setup(model, total, len(examples))
     start, extra = engine.resume()
     policy = engine.unwrap(model)
     start_eval = extra.get("start_eval") or (held_out(cfg, policy, ref_model, tokenizer, task, held) if task else {})
-    if task is not None and start == 0:
-        append_eval(engine, 0, start_eval)
+    if task is not None and start == 0 and engine.is_main:
+        append_eval(engine.run_dir, 0, start_eval)
     model.train()
 
     metrics = {}
     for step in range(start, total):
         metrics = train_step(engine, model, examples, ref, spec, cfg, pad, step)
         if task is not None and cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < total:
-            append_eval(engine, step + 1, held_out(cfg, policy, ref_model, tokenizer, task, held))
+            result = held_out(cfg, policy, ref_model, tokenizer, task, held)
+            if engine.is_main:
+                append_eval(engine.run_dir, step + 1, result)
         engine.log(step, metrics)
         engine.maybe_checkpoint(step, extra={"start_eval": start_eval})
 
     engine.save_checkpoint(total, extra={"start_eval": start_eval})
     end_eval = held_out(cfg, policy, ref_model, tokenizer, task, held) if task else {}
-    if task is not None:
-        append_eval(engine, total, end_eval)
+    if task is not None and engine.is_main:
+        append_eval(engine.run_dir, total, end_eval)
     engine.save_model(model, tokenizer)
     return engine.finish(summarize(cfg, engine, metrics, total, start_eval, end_eval))
 
 
-def held_out_records(cfg: DPOConfig, task) -> list[dict]:
-    if cfg.eval_prompts:
-        return list(D.load_records(cfg.eval_prompts, "prompts"))[: cfg.n_eval_prompts]
-    return task.prompts("test", cfg.n_eval_prompts, seed=cfg.seed)
+def held_out_records(cfg, task) -> list[dict]:
+    return load_prompts(cfg.eval_prompts, task, "test", cfg.n_eval_prompts, cfg.seed, key="eval_prompts")

@@ -37,7 +37,8 @@ from tether.report import read_jsonl
 log = logging.getLogger(__name__)
 
 METHODS = ("ppo", "dpo", "bon", "odpo")
-STAGE_OF = {"ppo": "ppo", "dpo": "dpo", "odpo": "dpo"}  # the recipe stage a swept method runs (bon runs on its own)
+STAGE_OF = {"ppo": "ppo", "dpo": "dpo", "odpo": "odpo"}  # the recipe stage a swept method runs (bon: on its own)
+ONLINE_DPO = Stage("dpo", "tether.recipes.online_dpo", "OnlineDPOConfig")  # reads the dpo_* keys it has
 LABELS = {"ppo": "PPO (β sweep)", "dpo": "DPO (β sweep)", "bon": "best-of-n (analytic KL)", "odpo": "online DPO"}
 # CPU defaults (two cores) are the demo's, measured on `reviews`: PPO 60 steps, DPO lr 5e-4 for 2 epochs (125 steps);
 # wall times in benchmarks/RESULTS.md. Held-out evaluations every ~20 steps give each run a trajectory of points.
@@ -74,7 +75,7 @@ class FrontierBase(PipelineBase):
 
     def sweep(self) -> dict[str, tuple[str, dict]]:
         """Run name -> (method, overrides of its stage) of every PPO, DPO and online-DPO sweep point."""
-        online = {"online": True, "rounds": self.odpo_rounds, "pairs_per_round": self.odpo_pairs_per_round,
+        online = {"rounds": self.odpo_rounds, "pairs_per_round": self.odpo_pairs_per_round,
                   "label_source": "raters"}
         grids = {"ppo": [(b, {"kl_coef": b}) for b in self.betas_ppo],
                  "dpo": [(b, {"beta": b}) for b in self.betas_dpo],
@@ -85,7 +86,8 @@ class FrontierBase(PipelineBase):
         return ["sft", "rm", *self.sweep()]
 
     def stage_table(self) -> dict[str, Stage]:
-        return {**DEMO_STAGES, **{name: DEMO_STAGES[STAGE_OF[m]] for name, (m, _) in self.sweep().items()}}
+        stages = {**DEMO_STAGES, "odpo": ONLINE_DPO}
+        return {**DEMO_STAGES, **{name: stages[STAGE_OF[m]] for name, (m, _) in self.sweep().items()}}
 
 
 FrontierConfig = dataclasses.make_dataclass(

@@ -4,14 +4,16 @@
     tether grpo task=arithmetic estimator=rloo           # leave-one-out baseline
     tether grpo model=DIR prompts=math.jsonl rewards=math,format reward_weights=1,0.2 beta=0
 
-One step (REFERENCE.md "Group / critic-free policy gradients"):
-1. `prompts_per_step` prompts, each sampled `group_size` times (rows of a prompt are contiguous);
+One step (docs/reference.md §Group policy gradients), the shape of PPO's (rollout, score, advantages, update, log):
+1. `prompts_per_step` prompts per process (ranks draw disjoint prompts), each sampled `group_size` times (rows of a
+   prompt are contiguous);
 2. every reward function scores every completion (each logged on its own), the weighted sum is the score; a response
    with no EOS gets the soft overlong penalty when `overlong_cache` > 0 (DAPO); with `dynamic_sampling`, groups whose
    scores are all equal carry no signal and are replaced by fresh prompts (bounded tries);
 3. advantages from the named estimator (`advantages.ADVANTAGE_ESTIMATORS`), broadcast over response tokens;
 4. `ppo_epochs` passes of the clipped surrogate (clip-higher via clip_high) aggregated by `aggregation`, plus
-   β·k3 KL to the reference in the loss. With β = 0 no reference model is loaded at all.
+   β·k3 KL to the reference in the loss. With β = 0 no reference model is loaded at all;
+5. metrics: kl, clipfrac and approx_kl are token means over every micro-batch of the step.
 The old log-probs are the sampling-time log-probs (tempered, unfiltered: exactly what a recompute gives, see
 generation.py), so no extra forward is spent on them. Losses are divided by counts over the whole step, so
 micro-batch size does not change the update.
@@ -27,21 +29,17 @@ from dataclasses import dataclass
 
 import torch
 
-from tether import data as D
 from tether.advantages import ADVANTAGE_ESTIMATORS, kl_penalized_rewards
 from tether.config import ConfigError, opt
-from tether.engine import Engine, TrainConfig, step_indices
-from tether.generation import decode_responses, sample, sequence_logprobs
+from tether.engine import CheckpointFields, Engine, ModelFields, OptimizerFields, RunFields, step_indices
+from tether.evaluate import evaluate_policy
+from tether.forward import response_outputs
+from tether.generation import Rollout, sample_records
 from tether.kl import kl_k3
 from tether.losses import AGGREGATIONS, masked_mean, ppo_policy_loss
-from tether.models import (
-    LoraSettings,
-    disabled_adapters,
-    frozen_copy,
-    has_adapters,
-    load_causal_lm,
-    load_tokenizer,
-)
+from tether.models import LoraSettings, load_causal_lm, load_tokenizer
+from tether.prompts import load_prompts, load_task
+from tether.reference import ReferencePolicy
 from tether.rewards import FunctionReward, RewardSource
 from tether.rewards.format import soft_overlong_penalty
 
@@ -49,7 +47,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class GRPOConfig(TrainConfig):
+class GRPOConfig(ModelFields, CheckpointFields, OptimizerFields, RunFields):
     model: str = opt("", "policy to train (default: the task's base model, built if missing)")
     task: str = opt("arithmetic", "embedded task giving prompts and the verifier: arithmetic | reviews | none")
     base_seed: int = opt(0, "seed of the task's base-model build when `model` is empty (a separate axis from `seed`)")
@@ -85,6 +83,8 @@ class GRPOConfig(TrainConfig):
             raise ConfigError(f"key 'estimator' must be one of {sorted(ADVANTAGE_ESTIMATORS)}, got {self.estimator!r}")
         if self.aggregation not in AGGREGATIONS:
             raise ConfigError(f"key 'aggregation' must be one of {sorted(AGGREGATIONS)}, got {self.aggregation!r}")
+        if self.batch_size < 1:
+            raise ConfigError(f"key 'batch_size' must be >= 1, got {self.batch_size}")
         if self.group_size < 2:
             raise ConfigError("key 'group_size' must be >= 2 (group baselines need two samples)")
 
@@ -118,30 +118,17 @@ def score(rewards, prompts, completions, records) -> tuple[torch.Tensor, dict[st
     return total, parts
 
 
-def load_prompts(cfg: GRPOConfig, task, split: str) -> list[dict]:
-    path = cfg.prompts if split == "train" else cfg.eval_prompts
-    if path:
-        return list(D.load_records(path, "verifiable" if split == "train" else "prompts"))
-    if task is None:
-        raise ConfigError(f"grpo needs {'prompts' if split == 'train' else 'eval_prompts'}=FILE or task=NAME")
-    n = cfg.n_train_prompts if split == "train" else cfg.n_eval_prompts
-    return task.prompts(split, n, seed=cfg.seed)
-
-
 def rollout(cfg, model, tokenizer, records, rewards, generator):
     """Sample G per record; returns rows (records repeated), the Rollout, scores (B,) and reward metrics."""
-    rows = [r for r in records for _ in range(cfg.group_size)]
-    ids = [D.encode_prompt(tokenizer, D.prompt_of(r))[0] for r in rows]
-    out = sample(model, ids, cfg.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-                 pad_token_id=tokenizer.pad_token_id, temperature=cfg.temperature, generator=generator,
-                 return_logprobs=True)
-    completions = decode_responses(tokenizer, out)
-    scores, parts = score(rewards, [D.prompt_of(r) for r in rows], completions, rows)
+    samples = sample_records(model, tokenizer, records, cfg.group_size, max_new_tokens=cfg.max_new_tokens,
+                             temperature=cfg.temperature, generator=generator, return_logprobs=True)
+    out = samples.rollout
+    scores, parts = score(rewards, samples.prompts, samples.completions, samples.records)
     if cfg.overlong_cache > 0:
         lengths = out.response_mask.sum(1).float()
         lengths = torch.where(out.has_eos, lengths, torch.full_like(lengths, cfg.max_new_tokens + 1))
         scores = scores + soft_overlong_penalty(lengths, cfg.max_new_tokens, cfg.overlong_cache)
-    return rows, out, scores, parts
+    return samples.records, out, scores, parts
 
 
 def informative_groups(scores: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -150,34 +137,18 @@ def informative_groups(scores: torch.Tensor, group_size: int) -> torch.Tensor:
     return (grouped.max(1).values - grouped.min(1).values) > 1e-8
 
 
-def concat_rollouts(parts: list, pad_id: int) -> tuple:
-    """Join (rows, Rollout, scores) pieces, padding prompt (left) and response (right) widths to match."""
-    from tether.generation import Rollout
-
-    pad_p = max(r.prompt_ids.shape[1] for _, r, _ in parts)
-    pad_t = max(r.response_ids.shape[1] for _, r, _ in parts)
-
-    def widen(x, width, left, value):
-        extra = width - x.shape[1]
-        fill = torch.full((x.shape[0], extra), value, dtype=x.dtype, device=x.device)
-        return torch.cat([fill, x] if left else [x, fill], 1)
-
-    rows = [row for rs, _, _ in parts for row in rs]
-    roll = Rollout(
-        torch.cat([widen(r.prompt_ids, pad_p, True, pad_id) for _, r, _ in parts]),
-        torch.cat([widen(r.prompt_mask, pad_p, True, 0) for _, r, _ in parts]),
-        torch.cat([widen(r.response_ids, pad_t, False, pad_id) for _, r, _ in parts]),
-        torch.cat([widen(r.response_mask, pad_t, False, 0) for _, r, _ in parts]),
-        torch.cat([r.has_eos for _, r, _ in parts]),
-        torch.cat([widen(r.logprobs, pad_t, False, 0.0) for _, r, _ in parts]),
-    )
-    return rows, roll, torch.cat([s for _, _, s in parts])
+def my_prompts(engine: Engine, cfg, pool: list[dict], draw: int) -> list[dict]:
+    """This process's `prompts_per_step` of draw `draw` (a step, or a refill): ranks take disjoint slices of one
+    global draw of prompts_per_step × world_size."""
+    n = cfg.prompts_per_step
+    idx = step_indices(draw, n * engine.world_size, len(pool), cfg.seed)[engine.rank * n : (engine.rank + 1) * n]
+    return [pool[i] for i in idx]
 
 
-def collect(cfg, model, tokenizer, pool, rewards, step, generator) -> tuple:
+def collect(cfg, engine, model, tokenizer, pool, rewards, step, generator) -> tuple:
     """One step's batch; with dynamic sampling, uninformative groups are dropped and refilled from the pool."""
-    records = [pool[i] for i in step_indices(step, cfg.prompts_per_step, len(pool), cfg.seed)]
-    rows, roll, scores, parts = rollout(cfg, model, tokenizer, records, rewards, generator)
+    rows, roll, scores, parts = rollout(cfg, model, tokenizer, my_prompts(engine, cfg, pool, step), rewards,
+                                        generator)
     metrics = {**parts, "score": scores.mean().item()}
     if not cfg.dynamic_sampling:
         return rows, roll, scores, metrics
@@ -187,7 +158,7 @@ def collect(cfg, model, tokenizer, pool, rewards, step, generator) -> tuple:
     have, tries = int(keep.sum()), 0
     while have < cfg.prompts_per_step and tries < cfg.max_refills:
         tries += 1
-        extra = [pool[i] for i in step_indices(10_000 * (step + 1) + tries, cfg.prompts_per_step, len(pool), cfg.seed)]
+        extra = my_prompts(engine, cfg, pool, 10_000 * (step + 1) + tries)
         r2, ro2, s2, _ = rollout(cfg, model, tokenizer, extra, rewards, generator)
         k2 = informative_groups(s2, cfg.group_size)
         need = cfg.prompts_per_step - have
@@ -197,94 +168,99 @@ def collect(cfg, model, tokenizer, pool, rewards, step, generator) -> tuple:
     pieces = [p for p in pieces if p[0]]
     if not pieces:
         return [], None, torch.zeros(0), metrics
-    rows, roll, scores = concat_rollouts(pieces, tokenizer.pad_token_id)
-    return rows, roll, scores, metrics
+    rows = [row for rs, _, _ in pieces for row in rs]
+    roll = Rollout.cat([r for _, r, _ in pieces], tokenizer.pad_token_id)
+    return rows, roll, torch.cat([s for _, _, s in pieces]), metrics
 
 
 def _select(rows, roll, scores, keep_groups, group_size):
-    from tether.generation import Rollout
+    idx = keep_groups.repeat_interleave(group_size).nonzero()[:, 0]
+    return [rows[i] for i in idx.tolist()], roll.rows(idx), scores[idx]
 
-    keep = keep_groups.repeat_interleave(group_size)
-    idx = keep.nonzero()[:, 0]
-    sub = Rollout(roll.prompt_ids[idx], roll.prompt_mask[idx], roll.response_ids[idx], roll.response_mask[idx],
-                  roll.has_eos[idx], roll.logprobs[idx])
-    return [rows[i] for i in idx.tolist()], sub, scores[idx]
+
+def compute_advantages(cfg, estimator, scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) advantages of the named estimator: per token (REINFORCE++), or per sequence broadcast over tokens."""
+    if estimator.per_token:
+        token_rewards = kl_penalized_rewards(scores, torch.zeros_like(mask), mask, 0.0)
+        return estimator.fn(token_rewards, mask)
+    return estimator.fn(scores, cfg.group_size)[:, None].expand_as(mask)
+
+
+def grpo_update(cfg, engine: Engine, model, roll: Rollout, adv: torch.Tensor, reference, step: int) -> dict:
+    """`ppo_epochs` passes over the step's rows in micro-batches of `batch_size`, one optimizer step per pass.
+
+    Losses are divided by counts over the whole step (all ranks), so the micro-batch size does not change the
+    update; kl, clipfrac and approx_kl come back as token means over every micro-batch."""
+    seq, attn = roll.sequences.to(engine.device), roll.attention_mask.to(engine.device)
+    mask = roll.response_mask.to(engine.device).float()
+    old = roll.logprobs.to(engine.device)
+    plen = roll.prompt_ids.shape[1]
+    ref = None if reference is None else reference.logprobs(seq, attn, plen, cfg.temperature, cfg.padding_free)
+    n_rows = len(seq)
+    denominator = {"token-mean": engine.all_sum(mask.sum()), "seq-mean-token-mean": engine.all_sum(n_rows),
+                   "seq-mean-token-sum-norm": engine.all_sum(n_rows) * cfg.max_new_tokens}[cfg.aggregation]
+    sums, tokens, stats = {}, 0.0, {}
+    for _epoch in range(cfg.ppo_epochs):
+        chunks = list(range(0, n_rows, cfg.batch_size))
+        for j, i in enumerate(chunks):
+            sl = slice(i, i + cfg.batch_size)
+            logprobs = response_outputs(model, seq[sl], attn[sl], plen, cfg.temperature,
+                                        padding_free=cfg.padding_free).logprobs
+            loss, pg = ppo_policy_loss(logprobs, old[sl], adv[sl], mask[sl], cfg.clip_low, cfg.clip_high,
+                                       cfg.aggregation, denominator)
+            n = float(mask[sl].sum())
+            parts = {"clipfrac": float(pg["clipfrac"]), "approx_kl": float(pg["approx_kl"])}
+            if ref is not None:
+                kl = kl_k3(logprobs, ref[sl])
+                loss = loss + cfg.beta * AGGREGATIONS[cfg.aggregation](kl, mask[sl], denominator)
+                parts["kl"] = masked_mean(kl.detach(), mask[sl]).item()
+            engine.backward(loss, step, last_micro=j == len(chunks) - 1)
+            engine.count_tokens(int(attn[sl].sum()))
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + v * n
+            tokens += n
+        stats = engine.optimizer_step()
+    return {**stats, **{k: v / max(tokens, 1.0) for k, v in sums.items()}}
 
 
 def greedy_accuracy(model, tokenizer, task, records, cfg) -> float:
-    from tether.evaluate import evaluate_policy
-
     result = evaluate_policy(model, tokenizer, task, records, n_samples=1, max_new_tokens=cfg.max_new_tokens,
                              temperature=0.0, batch_size=256, seed=cfg.seed)
     return result.get("accuracy", result.get("gold_mean", float("nan")))
 
 
 def run(cfg: GRPOConfig) -> dict:
-    from tether.tasks import get_task
-
-    task = None if cfg.task in ("", "none") else get_task(cfg.task)
+    task = load_task(cfg.task)
     if not cfg.model:
         if task is None:
             raise ConfigError("grpo needs model=DIR or task=NAME")
         cfg.model = str(task.build_base(seed=cfg.base_seed))
     engine = Engine(cfg, "grpo")
     tokenizer = load_tokenizer(cfg.model)
-    model = load_causal_lm(cfg.model, LoraSettings.from_config(cfg))
-    reference = None
-    if cfg.beta > 0 and not has_adapters(model):
-        reference = frozen_copy(model).to(engine.device)  # with LoRA: the base with adapters off instead
+    model = load_causal_lm(cfg.model, LoraSettings.from_config(cfg)).to(engine.device)
+    reference = ReferencePolicy(model) if cfg.beta > 0 else None  # with LoRA: the base with adapters off
     rewards = build_rewards(cfg, task)
-    pool, held = load_prompts(cfg, task, "train"), load_prompts(cfg, task, "test")
+    pool = load_prompts(cfg.prompts, task, "train", None if cfg.prompts else cfg.n_train_prompts, cfg.seed,
+                        kind="verifiable")
+    held = load_prompts(cfg.eval_prompts, task, "test", cfg.n_eval_prompts, cfg.seed, key="eval_prompts")
     model, _, _ = engine.setup(model, cfg.max_steps)
     start, _ = engine.resume()
     policy = engine.unwrap(model)
     accuracy_start = greedy_accuracy(policy, tokenizer, task, held, cfg) if task else float("nan")
     log.info("grpo: held-out greedy accuracy at start %.3f", accuracy_start)
     estimator = ADVANTAGE_ESTIMATORS[cfg.estimator]
-    kl_value = float("nan")
+    metrics: dict = {}
 
     for step in range(start, cfg.max_steps):
         generator = torch.Generator(device=engine.device).manual_seed(cfg.seed * 1_000_003 + engine.rank * 7919 + step)
-        rows, roll, scores, metrics = collect(cfg, policy, tokenizer, pool, rewards, step, generator)
+        rows, roll, scores, metrics = collect(cfg, engine, policy, tokenizer, pool, rewards, step, generator)
         if roll is None:  # every group uninformative even after refills: nothing to learn this step
             engine.log(step, metrics)
             continue
-        seq, attn = roll.sequences.to(engine.device), roll.attention_mask.to(engine.device)
         mask = roll.response_mask.to(engine.device).float()
-        old = roll.logprobs.to(engine.device)
-        plen = roll.prompt_ids.shape[1]
-        with torch.no_grad():
-            ref = None
-            if cfg.beta > 0:
-                with disabled_adapters(policy) if reference is None else torch.no_grad():
-                    ref = sequence_logprobs(reference or policy, seq, attn, plen, cfg.temperature, cfg.padding_free)
-        if estimator.per_token:
-            token_rewards = kl_penalized_rewards(scores.to(engine.device), torch.zeros_like(mask), mask, 0.0)
-            adv = estimator.fn(token_rewards, mask)
-        else:
-            adv = estimator.fn(scores.to(engine.device), cfg.group_size)[:, None].expand_as(mask)
-        n_rows = len(rows)
-        denominator = {"token-mean": engine.all_sum(mask.sum()), "seq-mean-token-mean": engine.all_sum(n_rows),
-                       "seq-mean-token-sum-norm": engine.all_sum(n_rows) * cfg.max_new_tokens}[cfg.aggregation]
-        stats = {}
-        for _epoch in range(cfg.ppo_epochs):
-            chunks = list(range(0, n_rows, cfg.batch_size))
-            for j, i in enumerate(chunks):
-                sl = slice(i, i + cfg.batch_size)
-                logprobs = sequence_logprobs(model, seq[sl], attn[sl], plen, cfg.temperature, cfg.padding_free)
-                loss, pg = ppo_policy_loss(logprobs, old[sl], adv[sl], mask[sl], cfg.clip_low, cfg.clip_high,
-                                           cfg.aggregation, denominator)
-                if ref is not None:
-                    kl = kl_k3(logprobs, ref[sl])
-                    loss = loss + cfg.beta * AGGREGATIONS[cfg.aggregation](kl, mask[sl], denominator)
-                    kl_value = masked_mean(kl.detach(), mask[sl]).item()
-                engine.backward(loss, step, last_micro=j == len(chunks) - 1)
-                engine.count_tokens(int(attn[sl].sum()))
-            stats = engine.optimizer_step()
-        metrics.update(stats, clipfrac=pg["clipfrac"], approx_kl=pg["approx_kl"],
+        adv = compute_advantages(cfg, estimator, scores.to(engine.device), mask)
+        metrics.update(grpo_update(cfg, engine, model, roll, adv, reference, step),
                        length=mask.sum(1).mean().item(), eos_rate=roll.has_eos.float().mean().item())
-        if ref is not None:
-            metrics["kl"] = kl_value
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and task is not None:
             metrics["accuracy"] = greedy_accuracy(policy, tokenizer, task, held, cfg)
         engine.log(step, metrics)
@@ -294,6 +270,6 @@ def run(cfg: GRPOConfig) -> dict:
     engine.save_checkpoint(cfg.max_steps)
     engine.save_model(model, tokenizer)
     return engine.finish({
-        "accuracy_start": accuracy_start, "accuracy_end": accuracy_end, "kl_end": kl_value,
+        "accuracy_start": accuracy_start, "accuracy_end": accuracy_end, "kl_end": metrics.get("kl", float("nan")),
         "estimator": cfg.estimator, "steps": cfg.max_steps, "tokens_per_second": engine.tokens_per_second(),
     })

@@ -1,11 +1,11 @@
-"""Online (iterative) DPO: `tether dpo online=true` samples its pairs from the policy it trains, round after round.
+"""Online (iterative) DPO: `tether dpo online` samples its pairs from the policy it trains, round after round.
 
-    tether dpo online=true model=runs/sft/model task=reviews label_source=raters rounds=4 pairs_per_round=256
-    tether dpo online=true model=... task=reviews label_source=rm:runs/rm           # a reward model labels
-    tether dpo online=true model=... task=reviews label_source=gold                 # the hidden gold reward (oracle)
-    tether dpo online=true model=... prompts=prompts.jsonl label_source=python:my_rewards:score
+    tether dpo online model=runs/sft/model task=reviews label_source=raters rounds=4 pairs_per_round=256
+    tether dpo online model=... task=reviews label_source=rm:runs/rm           # a reward model labels
+    tether dpo online model=... task=reviews label_source=gold                 # the hidden gold reward (oracle)
+    tether dpo online model=... prompts=prompts.jsonl label_source=python:my_rewards:score
 
-Each round r (all the other keys — loss, beta, lr, batch_size, LoRA, ... — are `tether dpo`'s):
+Each round r (the loss, training and held-out keys — loss, beta, lr, batch_size, LoRA, ... — are `tether dpo`'s):
 1. sample: the next `pairs_per_round` training prompts, two responses each from the CURRENT policy at `temperature`;
 2. label: `raters` asks the task's simulated raters (Bradley–Terry on the gold reward, noise τ = label_tau), any other
    source is a reward spec (gold = the task's gold reward, rm:DIR, python:mod:fn, built-ins, weighted sums) and the
@@ -27,25 +27,53 @@ from __future__ import annotations
 import json
 import math
 import random
+from dataclasses import dataclass
 
 import torch
 
 from tether import data as D
-from tether.config import ConfigError
-from tether.engine import Engine, steps_for
+from tether.config import ConfigError, opt
+from tether.engine import Engine, TrainConfig, steps_for
+from tether.evaluate import append_eval
+from tether.generation import sample_records
 from tether.losses import PREFERENCE_LOSSES
 from tether.models import LoraSettings, load_causal_lm, load_tokenizer
-from tether.recipes.best_of_n import sample_groups
+from tether.prompts import load_prompts, load_task
 from tether.recipes.dpo import (
-    append_eval,
+    HeldOutFields,
+    PreferenceFields,
     encode,
-    eval_reference,
     held_out,
     held_out_records,
     reference_logps,
     summarize,
     train_step,
 )
+from tether.reference import ReferencePolicy
+
+
+@dataclass
+class OnlineDPOConfig(HeldOutFields, PreferenceFields, TrainConfig):
+    model: str = opt("", "policy to train, usually the SFT model (also the reference; required)")
+    prompts: str = opt("", "training prompts (default: the task's train split)")
+    rounds: int = opt(3, "rounds of sample -> label -> train")
+    pairs_per_round: int = opt(256, "prompts per round, two responses each")
+    label_source: str = opt("raters", "raters (the task's simulated raters) | gold | rm:DIR | python:mod:fn")
+    label_tau: float = opt(1.0, "raters: Bradley-Terry noise τ of the simulated raters")
+    temperature: float = opt(1.0, "sampling temperature of the pairs")
+    lr: float = opt(5e-6, "peak learning rate (AdamW)")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.loss not in PREFERENCE_LOSSES or not PREFERENCE_LOSSES[self.loss].paired:
+            paired = sorted(k for k, v in PREFERENCE_LOSSES.items() if v.paired)
+            raise ConfigError(f"key 'loss': online DPO samples pairs; choose one of {paired}, got {self.loss!r}")
+        if not self.model:
+            raise ConfigError("dpo online needs model=DIR")
+        if not (self.prompts or self.task):
+            raise ConfigError("dpo online needs prompts=FILE or task=NAME")
+        if self.label_source in ("raters", "gold") and not self.task:
+            raise ConfigError(f"label_source={self.label_source} needs task=NAME (its gold reward)")
 
 
 # --- labelling: (prompts, a, b, records) -> [True (a chosen) | False (b chosen) | None (drop)] ---------------------
@@ -125,8 +153,9 @@ def prepare_round(cfg, engine: Engine, policy, reference, tokenizer, labeler, ta
         cache.unlink(missing_ok=True)  # a cache from an earlier run in this directory belongs to other pairs
         records = round_prompts(prompts, r, cfg.pairs_per_round)
         generator = torch.Generator(engine.device).manual_seed(engine.seed * 1_000_003 + r)
-        groups = sample_groups(policy, tokenizer, records, 2, generator, cfg.max_new_tokens, cfg.temperature,
-                               cfg.max_prompt_len)
+        groups = sample_records(policy, tokenizer, records, 2, max_new_tokens=cfg.max_new_tokens,
+                                temperature=cfg.temperature, generator=generator, max_prompt_len=cfg.max_prompt_len,
+                                batch_size=64).groups(2)
         labels = labeler([g["prompt"] for g in groups], [g["completions"][0] for g in groups],
                          [g["completions"][1] for g in groups], [g["record"] for g in groups])
         pairs = pairs_from_groups(groups, labels)
@@ -142,34 +171,26 @@ def prepare_round(cfg, engine: Engine, policy, reference, tokenizer, labeler, ta
     return examples, ref
 
 
-def load_train_prompts(cfg, task) -> list[dict]:
-    if cfg.prompts:
-        return list(D.load_records(cfg.prompts, "prompts"))
-    return task.prompts("train", cfg.rounds * cfg.pairs_per_round, seed=cfg.seed)
-
-
 # --- the recipe ----------------------------------------------------------------------------------------------------
-def run_online(cfg) -> dict:
+def run(cfg: OnlineDPOConfig) -> dict:
     spec = PREFERENCE_LOSSES[cfg.loss]
     engine = Engine(cfg, "dpo")
     tokenizer = load_tokenizer(cfg.model)
     model = load_causal_lm(cfg.model, LoraSettings.from_config(cfg)).to(engine.device)
-    task = None
-    if cfg.task:
-        from tether.tasks import get_task
-
-        task = get_task(cfg.task)
-    prompts, labeler = load_train_prompts(cfg, task), make_labeler(cfg, task)
+    task = load_task(cfg.task)
+    prompts = load_prompts(cfg.prompts, task, "train", None if cfg.prompts else cfg.rounds * cfg.pairs_per_round,
+                           cfg.seed)
+    labeler = make_labeler(cfg, task)
     held = held_out_records(cfg, task) if task else []
-    reference = eval_reference(model)  # fixed: the starting policy
+    reference = ReferencePolicy(model).model  # fixed: the starting policy
     per_round = cfg.max_steps or steps_for(cfg.pairs_per_round, engine.global_batch, cfg.epochs, 0)
     total = cfg.rounds * per_round
     model, _, _ = engine.setup(model, total, cfg.pairs_per_round)
     start, extra = engine.resume()
     policy = engine.unwrap(model)
     start_eval = extra.get("start_eval") or (held_out(cfg, policy, reference, tokenizer, task, held) if task else {})
-    if task is not None and start == 0:
-        append_eval(engine, 0, start_eval)
+    if task is not None and start == 0 and engine.is_main:
+        append_eval(engine.run_dir, 0, start_eval)
     model.train()
 
     metrics, end_eval = {}, start_eval
@@ -183,7 +204,8 @@ def run_online(cfg) -> dict:
             engine.maybe_checkpoint(step, extra={"start_eval": start_eval})
         if task is not None:
             end_eval = held_out(cfg, policy, reference, tokenizer, task, held)
-            append_eval(engine, (r + 1) * per_round, {"round": r, **end_eval})
+            if engine.is_main:
+                append_eval(engine.run_dir, (r + 1) * per_round, {"round": r, **end_eval})
 
     engine.save_checkpoint(total, extra={"start_eval": start_eval})
     engine.save_model(model, tokenizer)

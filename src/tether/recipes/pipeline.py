@@ -155,7 +155,8 @@ def run_stage(cfg, name: str, overrides: dict | None = None) -> dict:
         log.info("stage %s: finished before (%s), skipped", name, run_dir / "summary.json")
         return done
     module, cls = stage.load()
-    settings = wire(cfg, name, stage_settings(cfg, stage.prefix))
+    known = {f.name for f in dataclasses.fields(cls)}  # recipes sharing a prefix (dpo, dpo online) differ in keys
+    settings = {k: v for k, v in wire(cfg, name, stage_settings(cfg, stage.prefix)).items() if k in known}
     settings.update(overrides or {})
     settings.update(out=str(run_dir), seed=cfg.seed, progress=cfg.progress,
                     resume=any((run_dir / "checkpoints").glob("step-*/tether_state.json")))

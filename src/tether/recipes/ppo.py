@@ -4,8 +4,7 @@
     tether ppo model=runs/sft/model reward=rm:runs/rm prompts=prompts.jsonl lora_r=16
     tether ppo model=... reward="rm:runs/rm*1.0+format*0.5" kl_controller=adaptive kl_target=6
 
-One step, as InstructGPT and "The N+ implementation details of RLHF with PPO" describe it (REFERENCE.md "PPO for
-language models"):
+One step, as InstructGPT and "The N+ implementation details of RLHF with PPO" describe it (docs/reference.md §PPO):
 1. rollout: `rollout_batch` prompts, one response each, sampled at temperature T (top_k 0, top_p 1), cut after the
    first EOS; the reward source scores prompt+response, and a response without EOS gets `missing_eos_penalty` instead.
 2. one no-grad forward of the policy+value container gives old log-probs (from logits / T) and values; one of the
@@ -33,51 +32,42 @@ The formulas are the papers'; tests/test_losses.py, test_advantages.py and test_
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from tether import data as D
-from tether import packing
 from tether.advantages import gae, kl_penalized_rewards
 from tether.config import ConfigError, opt
-from tether.engine import Engine, TrainConfig, step_indices, steps_for
+from tether.engine import (
+    CheckpointFields,
+    Engine,
+    ModelFields,
+    OptimizerFields,
+    RunFields,
+    step_indices,
+    steps_for,
+)
+from tether.evaluate import append_eval, held_out_eval
+from tether.forward import PolicyAndValue, completion_nll, token_outputs
+from tether.generation import Rollout, sample_records
 from tether.kl import KL_ESTIMATORS, AdaptiveKLController, FixedKLController, UncertaintyKLController
-from tether.losses import (
-    entropy_from_logits,
-    logprobs_from_logits,
-    masked_mean,
-    masked_sum,
-    masked_whiten,
-    ppo_policy_loss,
-    sft_loss,
-    value_loss,
-)
+from tether.losses import masked_mean, masked_sum, masked_whiten, ppo_policy_loss, value_loss
 from tether.metrics import distinct_n, explained_variance, repetition_rate
-from tether.models import (
-    AdaptersOff,
-    LoraSettings,
-    disabled_adapters,
-    frozen_copy,
-    has_adapters,
-    load_causal_lm,
-    load_reward_model,
-    load_tokenizer,
-    token_values,
-)
+from tether.models import LoraSettings, load_causal_lm, load_reward_model, load_tokenizer
+from tether.prompts import load_prompts, load_task
+from tether.reference import ReferencePolicy
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class PPOConfig(TrainConfig):
+class PPOConfig(ModelFields, CheckpointFields, OptimizerFields, RunFields):
     model: str = opt("", "policy to train: the SFT model directory (also the reference policy; required)")
     reward: str = opt("", "reward spec: rm:DIR (a `tether rm` output), python:mod:fn, a built-in, or weighted sums")
     value_model: str = opt("", "value model init (default: the reward model of `reward` if it is rm:DIR, else `model`)")
@@ -119,7 +109,7 @@ class PPOConfig(TrainConfig):
     adam_eps: float = opt(1e-5, "AdamW epsilon (N+: 1e-5)")
     lr_schedule: str = opt("constant", "learning-rate schedule after warmup: constant | linear | cosine")
     max_steps: int = opt(100, "PPO steps (rollout batches); 0 = `epochs` passes over the prompts")
-    grad_accum: int = opt(1, "unused by PPO: a minibatch is accumulated over ceil(minibatch / batch_size) micro-batches")
+    epochs: float = opt(1.0, "passes over the training prompts when max_steps is 0")
 
     def validate(self) -> None:
         super().validate()
@@ -133,6 +123,8 @@ class PPOConfig(TrainConfig):
             raise ConfigError(f"key 'kl_controller' must be one of {sorted(CONTROLLERS)}, got {self.kl_controller!r}")
         if self.kl_in_loss and self.kl_estimator == "k1":
             raise ConfigError("kl_in_loss=true needs kl_estimator=k3 or k2: k1 as a loss has zero expected gradient")
+        if self.batch_size < 1:
+            raise ConfigError(f"key 'batch_size' must be >= 1, got {self.batch_size}")
         if self.rollout_batch % self.num_minibatches:
             raise ConfigError(f"rollout_batch ({self.rollout_batch}) must be a multiple of num_minibatches "
                               f"({self.num_minibatches})")
@@ -151,53 +143,17 @@ CONTROLLERS = {
 }
 
 
-class PolicyAndValue(torch.nn.Module):
-    """Policy and value model as one module: one optimizer, one DDP wrapper and one checkpoint cover both.
-
-    forward -> (logits (B, T, V), values (B, T)); position ids from the mask, so left-padded prompts start at 0.
-    """
-
-    def __init__(self, policy: torch.nn.Module, value: torch.nn.Module, padding_free: bool = True):
-        super().__init__()
-        self.policy, self.value, self.padding_free = policy, value, padding_free
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
-        """Rows bin-packed when that saves some (packing.py); outputs in the padded layout either way."""
-        def both(input_ids, attention_mask, position_ids, use_cache, **spans):
-            logits = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                 use_cache=use_cache, **spans).logits
-            return logits, token_values(self.value, input_ids, attention_mask, position_ids, **spans)
-
-        return packing.padded_outputs(both, self.policy, input_ids, attention_mask, self.padding_free,
-                                      also=(self.value,))
-
-    def gradient_checkpointing_enable(self, **kwargs) -> None:
-        self.policy.gradient_checkpointing_enable(**kwargs)
-        self.value.gradient_checkpointing_enable(**kwargs)
-
-    def save_pretrained(self, path, **kwargs) -> None:
-        """Policy in `path`, value model in `path/value` (what the engine saves when a loss turns non-finite)."""
-        self.policy.save_pretrained(path, **kwargs)
-        self.value.save_pretrained(Path(path) / "value", **kwargs)
-
-
 # --- setup --------------------------------------------------------------------------------------------------------------
-def load_prompts(cfg: PPOConfig, task) -> tuple[list[dict], list[dict]]:
-    """(train, held-out) prompt records: files, or the task's train/test splits, or a seeded hold-out of `prompts`."""
-    if cfg.prompts:
-        train = list(D.load_records(cfg.prompts, "prompts"))
-    else:
-        train = task.prompts("train", cfg.n_train_prompts, seed=cfg.seed)
-    if cfg.eval_prompts:
-        held = list(D.load_records(cfg.eval_prompts, "prompts"))
-    elif task is not None:
-        held = task.prompts("test", cfg.n_eval_prompts, seed=cfg.seed)
-    else:
-        order = list(range(len(train)))
-        random.Random(cfg.seed).shuffle(order)
-        n = min(cfg.n_eval_prompts, len(train) // 10)
-        held, train = [train[i] for i in order[:n]], [train[i] for i in order[n:]]
-    return train, held[: cfg.n_eval_prompts]
+def train_and_held_out(cfg: PPOConfig, task) -> tuple[list[dict], list[dict]]:
+    """(train, held-out) prompt records: files or the task's splits; without either held-out source, a seeded
+    hold-out of `n_eval_prompts` (at most a tenth) of the training prompts."""
+    train = load_prompts(cfg.prompts, task, "train", None if cfg.prompts else cfg.n_train_prompts, cfg.seed)
+    if cfg.eval_prompts or task is not None:
+        return train, load_prompts(cfg.eval_prompts, task, "test", cfg.n_eval_prompts, cfg.seed, key="eval_prompts")
+    order = list(range(len(train)))
+    random.Random(cfg.seed).shuffle(order)
+    n = min(cfg.n_eval_prompts, len(train) // 10)
+    return [train[i] for i in order[n:]], [train[i] for i in order[:n]]
 
 
 def value_init_dir(cfg: PPOConfig) -> str:
@@ -240,25 +196,9 @@ def memory_mb(device: torch.device) -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-class ReferencePolicy:
-    """πref: a frozen copy of the SFT policy, or (LoRA + share_reference) the policy's base with adapters disabled."""
-
-    def __init__(self, policy, share: bool, padding_free: bool = True):
-        self.shared = share and has_adapters(policy)
-        self.model = policy if self.shared else frozen_copy(policy)
-        self.padding_free = padding_free
-
-    @torch.no_grad()
-    def logprobs(self, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int, temperature: float):
-        from tether.generation import sequence_logprobs
-
-        with disabled_adapters(self.model) if self.shared else nullcontext():
-            return sequence_logprobs(self.model, sequences, attention_mask, prompt_len, temperature, self.padding_free)
-
-
 # --- rollout ------------------------------------------------------------------------------------------------------------
 @dataclass
-class Rollout:
+class Batch:
     """One PPO batch: everything the update needs, (B, ·) tensors on the training device."""
 
     sequences: torch.Tensor  # (B, P+T) left-padded prompt + right-padded response
@@ -277,43 +217,37 @@ class Rollout:
                                                     "ref_logprobs", "values", "advantages", "returns")}
 
 
-def encode_prompts(tokenizer, records: list[dict], max_len: int) -> list[list[int]]:
-    return [D.encode_prompt(tokenizer, D.prompt_of(r), max_len)[0] for r in records]
-
-
 @torch.no_grad()
-def forward_in_chunks(model, sequences, attention_mask, prompt_len: int, temperature: float, chunk: int):
+def forward_in_chunks(model, sequences, attention_mask, prompt_len: int, temperature: float, chunk: int,
+                      padding_free: bool = True):
     """Old log-probs, values and entropy of the response tokens from the policy+value container, `chunk` rows at once.
 
-    Returns (B, T) each: log π(a_t) from logits / T, V(s_t) read at the position that predicts a_t, and H_t.
+    Returns (B, T) each: log π(a_t) from logits / T, V(s_t) read at the position that predicts a_t, and H_t. The
+    policy's forwards (here and in the update) do not share repeated prompts between rows, the reference's do: the
+    figures of benchmarks/RESULTS.md were measured so, and the two layouts round differently.
     """
     out = []
     for i in range(0, len(sequences), chunk):
-        logits, values = model(sequences[i : i + chunk], attention_mask[i : i + chunk])
-        logits = logits[:, prompt_len - 1 : -1]  # (b, T, V) predicts the response tokens
-        tokens = sequences[i : i + chunk, prompt_len:]
-        out.append((logprobs_from_logits(logits, tokens, temperature), values[:, prompt_len - 1 : -1].float(),
-                    entropy_from_logits(logits, temperature)))
+        o = token_outputs(model, sequences[i : i + chunk], attention_mask[i : i + chunk], temperature,
+                          entropy=True, padding_free=padding_free).columns(prompt_len - 1)
+        out.append((o.logprobs, o.values, o.entropy))
     return [torch.cat(parts) for parts in zip(*out)]
 
 
 @torch.no_grad()
 def rollout(cfg: PPOConfig, model, reference: ReferencePolicy, reward, tokenizer, records: list[dict],
-            prompt_ids: list[list[int]], generator: torch.Generator, device) -> tuple[Rollout, dict, tuple]:
+            generator: torch.Generator, device) -> tuple[Batch, dict, tuple]:
     """Sample, score, and compute old/ref log-probs and values for one batch of prompts.
 
-    Returns (rollout, metrics, (prompts, completions)).
+    Returns (batch, metrics, (prompts, completions)).
     """
-    from tether.generation import decode_responses, sample
-
     container = getattr(model, "module", model)
     t0 = time.time()
-    out = sample(container.policy, prompt_ids, cfg.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-                 pad_token_id=tokenizer.pad_token_id, temperature=cfg.temperature, top_k=0, top_p=1.0,
-                 generator=generator)
+    samples = sample_records(container.policy, tokenizer, records, 1, max_new_tokens=cfg.max_new_tokens,
+                             temperature=cfg.temperature, generator=generator, max_prompt_len=cfg.max_prompt_len)
+    out: Rollout = samples.rollout
     gen_seconds = time.time() - t0
-    completions = decode_responses(tokenizer, out)
-    prompts = [D.prompt_of(r) for r in records]
+    prompts, completions = samples.prompts, samples.completions
     scored = reward(prompts, completions, records)
     proxy = scored.scores.float().to(device)  # (B,)
     has_eos = out.has_eos.to(device)
@@ -325,10 +259,11 @@ def rollout(cfg: PPOConfig, model, reference: ReferencePolicy, reward, tokenizer
     P = out.prompt_ids.shape[1]
     t1 = time.time()
     logprobs, values, entropy = forward_in_chunks(model, sequences, attention_mask, P, cfg.temperature,
-                                                  cfg.batch_size)
-    ref_logprobs = reference.logprobs(sequences, attention_mask, P, cfg.temperature).to(device).float()
+                                                  cfg.batch_size, cfg.padding_free)
+    ref_logprobs = reference.logprobs(sequences, attention_mask, P, cfg.temperature,
+                                      cfg.padding_free).to(device).float()
     forward_seconds = time.time() - t1
-    batch = Rollout(sequences, attention_mask, response_mask, P, logprobs, ref_logprobs, values, scores)
+    batch = Batch(sequences, attention_mask, response_mask, P, logprobs, ref_logprobs, values, scores)
 
     kl_tokens = logprobs - ref_logprobs  # (B, T) k1
     lengths = response_mask.sum(-1)
@@ -358,8 +293,8 @@ def rollout(cfg: PPOConfig, model, reference: ReferencePolicy, reward, tokenizer
     return batch, metrics, (prompts, completions)
 
 
-def compute_advantages(cfg: PPOConfig, batch: Rollout, beta: float) -> None:
-    """Per-token KL-penalised rewards -> GAE -> whitened advantages, stored on the batch (REFERENCE.md lines 19–24)."""
+def compute_advantages(cfg: PPOConfig, batch: Batch, beta: float) -> None:
+    """Per-token KL-penalised rewards -> GAE -> whitened advantages, stored on the batch (docs/reference.md §PPO)."""
     mask = batch.response_mask
     kl = KL_ESTIMATORS[cfg.kl_estimator](batch.logprobs, batch.ref_logprobs)  # (B, T)
     rewards = kl_penalized_rewards(batch.scores, kl, mask, 0.0 if cfg.kl_in_loss else beta)
@@ -376,35 +311,30 @@ def ppo_loss(cfg: PPOConfig, model, mb: dict, prompt_len: int, n_tokens: float, 
     Every term is a token sum divided by `n_tokens`, the response tokens of the whole global minibatch.
     """
     mask = mb["response_mask"]
-    logits, values = model(mb["sequences"], mb["attention_mask"])
-    logits = logits[:, prompt_len - 1 : -1]  # (b, T, V) predicts the response tokens
-    values = values[:, prompt_len - 1 : -1]  # (b, T) V(s_t)
-    logprobs = logprobs_from_logits(logits, mb["sequences"][:, prompt_len:], cfg.temperature)  # (b, T)
-    pg_loss, pg_stats = ppo_policy_loss(logprobs, mb["logprobs"], mb["advantages"], mask, cfg.cliprange,
+    out = token_outputs(model, mb["sequences"], mb["attention_mask"], cfg.temperature, entropy=cfg.ent_coef != 0,
+                        entropy_grad=True, padding_free=cfg.padding_free).columns(prompt_len - 1)  # (b, T) each
+    pg_loss, pg_stats = ppo_policy_loss(out.logprobs, mb["logprobs"], mb["advantages"], mask, cfg.cliprange,
                                         denominator=n_tokens)
-    vf_loss, vf_stats = value_loss(values, mb["values"], mb["returns"], mask, cfg.cliprange_value,
+    vf_loss, vf_stats = value_loss(out.values, mb["values"], mb["returns"], mask, cfg.cliprange_value,
                                    denominator=n_tokens)
-    with torch.set_grad_enabled(cfg.ent_coef != 0 and torch.is_grad_enabled()):
-        entropy = masked_sum(entropy_from_logits(logits, cfg.temperature), mask) / n_tokens
-    loss = pg_loss + cfg.vf_coef * vf_loss - cfg.ent_coef * entropy
+    loss = pg_loss + cfg.vf_coef * vf_loss
+    if cfg.ent_coef:
+        loss = loss - cfg.ent_coef * masked_sum(out.entropy, mask) / n_tokens
     if cfg.kl_in_loss:
-        kl = KL_ESTIMATORS[cfg.kl_estimator](logprobs, mb["ref_logprobs"])
+        kl = KL_ESTIMATORS[cfg.kl_estimator](out.logprobs, mb["ref_logprobs"])
         loss = loss + beta * masked_sum(kl, mask) / n_tokens
     return loss, {"pg_loss": pg_loss.detach(), "vf_loss": vf_loss.detach(), **pg_stats, **vf_stats}
 
 
-def ptx_loss(model, batch: dict, n_tokens: float) -> torch.Tensor:
-    """PPO-ptx: summed NLL of demonstration completion tokens / n_tokens (InstructGPT, REFERENCE.md line 29)."""
-    policy = getattr(model, "module", model).policy
-    logits = policy(**D.model_inputs(batch)).logits[:, :-1]
-    loss, _ = sft_loss(logits, batch["labels"][:, 1:], num_tokens=n_tokens)
-    return loss
+def ptx_loss(model, batch: dict, n_tokens: float, padding_free: bool = True) -> torch.Tensor:
+    """PPO-ptx: summed NLL of demonstration completion tokens / n_tokens (InstructGPT, docs/reference.md §PPO)."""
+    return completion_nll(getattr(model, "module", model).policy, batch, n_tokens, padding_free)
 
 
 LOSS_SHARES = {"loss", "pg_loss", "vf_loss", "ptx_loss"}  # per micro-batch: its part of the minibatch's loss
 
 
-def ppo_update(cfg: PPOConfig, engine: Engine, model, batch: Rollout, step: int, beta: float,
+def ppo_update(cfg: PPOConfig, engine: Engine, model, batch: Batch, step: int, beta: float,
                generator: torch.Generator, ptx: list | None = None, pad_id: int = 0) -> dict:
     """`ppo_epochs` × `num_minibatches` optimizer steps over one rollout batch; returns the mean of each metric."""
     B = len(batch.sequences)
@@ -420,7 +350,7 @@ def ppo_update(cfg: PPOConfig, engine: Engine, model, batch: Rollout, step: int,
             for j, idx in enumerate(micro):
                 loss, stats = ppo_loss(cfg, model, batch.rows(idx), batch.prompt_len, n_tokens, beta)
                 if ptx_batches:
-                    nll = ptx_loss(model, ptx_batches[j], n_ptx)
+                    nll = ptx_loss(model, ptx_batches[j], n_ptx, cfg.padding_free)
                     loss, stats["ptx_loss"] = loss + cfg.ptx_coef * nll, nll.detach()
                 engine.backward(loss, step, last_micro=j == len(micro) - 1)
                 engine.count_tokens(int(batch.attention_mask[idx].sum()))
@@ -447,19 +377,9 @@ def ptx_micro_batches(examples: list | None, generator: torch.Generator, n: int,
 def evaluate(cfg: PPOConfig, policy, reference: ReferencePolicy, reward, tokenizer, task, records: list[dict],
              seed: int) -> tuple[dict, list[dict]]:
     """Held-out numbers of the current policy: gold, KL, length, ... (evaluate.evaluate_policy) plus proxy reward."""
-    from tether.evaluate import evaluate_policy
-
-    ref = AdaptersOff(reference.model) if reference.shared else reference.model
-    was_training = policy.training
-    policy.eval()
-    try:
-        result = evaluate_policy(policy, tokenizer, task, records, n_samples=cfg.eval_samples,
-                                 max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, ref_model=ref,
-                                 batch_size=cfg.rollout_batch, seed=seed, reward=reward)
-    finally:
-        policy.train(was_training)
-    samples = result.pop("samples", [])
-    return {k: v for k, v in result.items() if isinstance(v, (int, float))}, samples
+    return held_out_eval(policy, tokenizer, task, records, n_samples=cfg.eval_samples,
+                         max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, ref_model=reference.model,
+                         batch_size=cfg.rollout_batch, seed=seed, reward=reward)
 
 
 def summarize_eval(prefix: str, result: dict) -> dict:
@@ -468,28 +388,19 @@ def summarize_eval(prefix: str, result: dict) -> dict:
     return {f"{name}_{prefix}": result[key] for name, key in keys.items() if key in result}
 
 
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-
-
 # --- the recipe ---------------------------------------------------------------------------------------------------------
 def run(cfg: PPOConfig) -> dict:
     engine = Engine(cfg, "ppo")
     device = engine.device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    task = None
-    if cfg.task:
-        from tether.tasks import get_task
-
-        task = get_task(cfg.task)
+    task = load_task(cfg.task)
     tokenizer = load_tokenizer(cfg.model)
-    train, held = load_prompts(cfg, task)
-    train_ids = encode_prompts(tokenizer, train, cfg.max_prompt_len)
+    train, held = train_and_held_out(cfg, task)
 
     lora = LoraSettings.from_config(cfg)
     policy = load_causal_lm(cfg.model, lora).to(device)
-    reference = ReferencePolicy(policy, cfg.share_reference, cfg.padding_free)
+    reference = ReferencePolicy(policy, cfg.share_reference)
     value = load_reward_model(value_init_dir(cfg), lora).to(device)
     reward = load_reward(cfg, device)
     controller = CONTROLLERS[cfg.kl_controller](cfg)
@@ -502,7 +413,7 @@ def run(cfg: PPOConfig) -> dict:
     global_rollout = cfg.rollout_batch * engine.world_size
     n_steps = steps_for(len(train), global_rollout, cfg.epochs, cfg.max_steps)
     updates_per_step = cfg.ppo_epochs * cfg.num_minibatches
-    model, _, _ = engine.setup(PolicyAndValue(policy, value, cfg.padding_free), n_steps * updates_per_step)
+    model, _, _ = engine.setup(PolicyAndValue(policy, value), n_steps * updates_per_step)
     engine.total_steps = n_steps  # progress, logging and checkpoints count PPO steps; the schedule counts updates
     start, extra = engine.resume()
     policy = engine.unwrap(model).policy
@@ -512,7 +423,8 @@ def run(cfg: PPOConfig) -> dict:
     if start_eval is None:
         start_eval, samples = evaluate(cfg, policy, reference, reward, tokenizer, task, held, seed=cfg.seed)
         if engine.is_main:
-            write_jsonl(engine.run_dir / "samples_start.jsonl", samples)
+            D.write_jsonl(engine.run_dir / "samples_start.jsonl", samples)
+            append_eval(engine.run_dir, 0, start_eval)
     log.info("start (SFT policy) on %d held-out prompts: %s", len(held), start_eval)
 
     gen_tokens = train_tokens = 0
@@ -524,7 +436,7 @@ def run(cfg: PPOConfig) -> dict:
         idx = idx[engine.rank * cfg.rollout_batch : (engine.rank + 1) * cfg.rollout_batch]
         records = [train[i] for i in idx]
         batch, metrics, (prompts, completions) = rollout(
-            cfg, model, reference, reward, tokenizer, records, [train_ids[i] for i in idx], generator, device)
+            cfg, model, reference, reward, tokenizer, records, generator, device)
         if task is not None:
             metrics["gold"] = sum(task.gold_reward(prompts, completions, records)) / len(records)
         beta = controller.value
@@ -546,18 +458,15 @@ def run(cfg: PPOConfig) -> dict:
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < n_steps:
             result, _ = evaluate(cfg, policy, reference, reward, tokenizer, task, held, seed=cfg.seed + 1)
             if engine.is_main:
-                with (engine.run_dir / "evals.jsonl").open("a") as f:
-                    f.write(json.dumps({"step": step + 1, **result}) + "\n")
+                append_eval(engine.run_dir, step + 1, result)
         engine.log(step, metrics)
         engine.maybe_checkpoint(step, extra={"start_eval": start_eval})
 
     end_eval, samples = evaluate(cfg, policy, reference, reward, tokenizer, task, held, seed=cfg.seed + 1)
     peak = max(peak, memory_mb(device))
     if engine.is_main:
-        write_jsonl(engine.run_dir / "samples_end.jsonl", samples)
-        with (engine.run_dir / "evals.jsonl").open("a") as f:
-            for s, result in ((0, start_eval), (n_steps, end_eval)):
-                f.write(json.dumps({"step": s, **result}) + "\n")
+        D.write_jsonl(engine.run_dir / "samples_end.jsonl", samples)
+        append_eval(engine.run_dir, n_steps, end_eval)
     engine.save_checkpoint(n_steps, extra={"start_eval": start_eval})
     engine.save_model(policy, tokenizer)
     engine.save_model(engine.unwrap(model).value, tokenizer, engine.run_dir / "value")

@@ -6,7 +6,7 @@
 
 Model: any causal-LM directory (usually the SFT model) gets a scalar head initialised N(0, 1/(d+1)); an existing
 sequence-classification RM is fine-tuned as it is (models.load_reward_model). The score is read at the last real token
-(models.reward_scores). Full fine-tuning or LoRA (lora_r > 0; merged on save unless merge_lora=false).
+(forward.reward_scores). Full fine-tuning or LoRA (lora_r > 0; merged on save unless merge_lora=false).
 
 Data (`data_kind`, default auto: rankings when the first record has `completions`, pairs when it has `chosen`):
 - pairs {prompt, chosen, rejected, [margin], [weight]}: losses.bradley_terry_loss, −log σ(r_w − r_l − m) with the
@@ -21,10 +21,10 @@ Defaults follow InstructGPT: 1 epoch, cosine decay to 10% of the peak lr.
 After training:
 - eval on held-out comparisons (eval_data, or eval_fraction of data): accuracy, loss, ECE, length bias, gold
   agreement with `task=` (recipes.reward_eval); bayes_accuracy from the `<data stem>.meta.json` sidecar if present.
-- normalisation (REFERENCE.md "Normalization after training"): reward_bias = mean raw score of the reference responses
+- normalisation (docs/reference.md §Reward model): reward_bias = mean raw score of the reference responses
   (normalize_data: prompt/completion records such as the SFT demonstrations; default: every completion of the training
   comparisons, i.e. samples of the policy the raters compared) and, with normalize_scale, reward_gain = 1/std. Both go
-  into the saved config, so models.reward_scores (and every consumer) returns (raw − bias)·gain. The training
+  into the saved config, so forward.reward_scores (and every consumer) returns (raw − bias)·gain. The training
   truncation lengths are stored too (reward_max_prompt_len / reward_max_completion_len) for rewards.LearnedReward.
 - ensemble=K: K members trained with seeds seed..seed+K−1 (head init and data order differ; the held-out split is the
   same) in members/member-i/ (metrics, checkpoints, summary), their models in model/member-i/; the top summary.json
@@ -44,8 +44,9 @@ import torch
 from tether import data as D
 from tether.config import ConfigError, opt
 from tether.engine import Engine, TrainConfig, steps_for
+from tether.forward import reward_scores
 from tether.losses import bradley_terry_loss, ranking_loss
-from tether.models import LoraSettings, _hf_model, load_reward_model, load_tokenizer, reward_scores
+from tether.models import LoraSettings, load_reward_model, load_tokenizer
 from tether.recipes.reward_eval import (
     COMPARISON_KINDS,
     Comparisons,
@@ -55,6 +56,7 @@ from tether.recipes.reward_eval import (
     load_task,
 )
 from tether.rewards.learned import score_sequences
+from tether.wrappers import hf_model
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +103,7 @@ def pairs_loss(model, batch: dict, denominator: float, label_smoothing: float = 
     """Bradley-Terry over a collate_pairs batch: ONE forward of 2B rows, Σ_b w_b·ℓ_b / denominator."""
     scores = reward_scores(model, batch["input_ids"], batch["attention_mask"], normalize=False,
                            padding_free=padding_free, prefix_lengths=D.prompt_lengths(batch))  # (2B,)
-    chosen, rejected = scores.chunk(2)  # rows 0..B-1 chosen, B..2B-1 rejected
+    chosen, rejected = D.split_pairs(scores)  # rows 0..B-1 chosen, B..2B-1 rejected
     margin = batch["margin"] if use_margin else None
     loss, metrics = bradley_terry_loss(chosen, rejected, margin, label_smoothing, batch["weight"])
     return loss * batch["weight"].sum() / denominator, metrics  # weighted mean -> weighted sum / global weight
@@ -210,7 +212,7 @@ def train_one(cfg: RewardConfig, tokenizer, train: Comparisons, held: Comparison
         engine.maybe_checkpoint(step)
     engine.save_checkpoint(total)
 
-    hf = _hf_model(engine.unwrap(model))
+    hf = hf_model(engine.unwrap(model))
     hf.config.reward_bias, hf.config.reward_gain = 0.0, 1.0
     bias, gain = 0.0, 1.0
     if cfg.normalize:

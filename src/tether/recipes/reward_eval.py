@@ -35,9 +35,11 @@ import torch.nn.functional as F
 
 from tether import data as D
 from tether.config import ConfigError, opt
+from tether.forward import normalized
 from tether.metrics import expected_calibration_error
-from tether.models import _hf_model, load_reward_model, load_tokenizer
+from tether.models import load_reward_model, load_tokenizer
 from tether.rewards.learned import reward_model_dirs, score_sequences
+from tether.wrappers import hf_model
 
 log = logging.getLogger(__name__)
 
@@ -205,18 +207,13 @@ def order_agreement(better: torch.Tensor, worse: torch.Tensor, gold_better: torc
 
 
 # --- scoring and the evaluation ---------------------------------------------------------------------------------------
-def raw_to_normalized(raw: torch.Tensor, config) -> torch.Tensor:
-    """The consumers' scale: (raw − reward_bias) · reward_gain, as models.reward_scores applies it."""
-    return (raw - getattr(config, "reward_bias", 0.0)) * getattr(config, "reward_gain", 1.0)
-
-
 def score_groups(models: list, comparisons: Comparisons, pad_id: int, batch_size: int, device) -> tuple[list, list]:
     """Per element, (raw, normalised) scores of its sequences best first, each the mean over ensemble members."""
     kind = COMPARISON_KINDS[comparisons.kind]
     groups = [kind.sequences(ex) for ex in comparisons.examples]
     flat = [seq for g in groups for seq in g]
     raw = torch.stack([score_sequences(m, flat, pad_id, batch_size, device, normalize=False) for m in models])
-    norm = torch.stack([raw_to_normalized(r, _hf_model(m).config) for r, m in zip(raw, models)])
+    norm = torch.stack([normalized(r, hf_model(m).config) for r, m in zip(raw, models)])
     sizes = [len(g) for g in groups]
     return list(raw.mean(0).split(sizes)), list(norm.mean(0).split(sizes))
 

@@ -17,9 +17,8 @@ import torch
 from tether import data as D
 from tether.config import ConfigError, opt
 from tether.engine import Engine, TrainConfig, steps_for
-from tether.losses import sft_loss
+from tether.forward import completion_nll
 from tether.models import LoraSettings, load_causal_lm, load_tokenizer
-from tether.packing import token_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -70,15 +69,6 @@ def split_train_eval(cfg: SFTConfig, tokenizer) -> tuple[list, list, dict]:
     return train, held, stats.as_dict()
 
 
-def forward_nll(model, batch: dict, num_tokens: float, padding_free: bool = True) -> torch.Tensor:
-    """Summed next-token NLL over completion tokens / num_tokens; `padding_free` bin-packs the rows (packing.py)."""
-    if "position_ids" in batch:  # rows packed by pack_examples: their own positions, no mask (data.model_inputs)
-        logits = model(**D.model_inputs(batch)).logits[:, :-1]  # (B, T-1, V) predicts tokens 1..T-1
-        return sft_loss(logits, batch["labels"][:, 1:], num_tokens=num_tokens)[0]
-    logprobs = token_logprobs(model, batch["input_ids"], batch["attention_mask"], padding_free=padding_free)
-    return -(logprobs * (batch["labels"][:, 1:] != D.IGNORE_INDEX)).sum() / num_tokens
-
-
 @torch.no_grad()
 def eval_loss(model, examples: list, pad_id: int, batch_size: int, device) -> float:
     """Mean token NLL of the held-out demonstrations (nan when there are none)."""
@@ -89,7 +79,7 @@ def eval_loss(model, examples: list, pad_id: int, batch_size: int, device) -> fl
     for i in range(0, len(examples), batch_size):
         batch = {k: v.to(device) for k, v in D.collate_lm(examples[i : i + batch_size], pad_id).items()}
         n = int((batch["labels"][:, 1:] != -100).sum())
-        total += forward_nll(model, batch, num_tokens=1.0).item()
+        total += completion_nll(model, batch, num_tokens=1.0).item()
         count += n
     model.train()
     return total / max(1, count)
@@ -113,7 +103,7 @@ def run(cfg: SFTConfig) -> dict:
         n_tokens = engine.all_sum(sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches))
         step_loss = 0.0
         for j, batch in enumerate(batches):
-            loss = forward_nll(model, batch, num_tokens=n_tokens, padding_free=cfg.padding_free)
+            loss = completion_nll(model, batch, num_tokens=n_tokens, padding_free=cfg.padding_free)
             engine.backward(loss, step, last_micro=j == len(batches) - 1)
             step_loss += loss.item()
             engine.count_tokens(int(batch["attention_mask"].sum()))

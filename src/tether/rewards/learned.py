@@ -3,9 +3,9 @@
 Completions are scored the way `tether rm` trained on them: the prompt encoded by `data.encode_prompt` (plain text
 with the tokenizer's special tokens, or the chat template for a list of messages), then the completion's tokens with
 no special tokens and an EOS appended (`data.encode_completion`); the score is read at that last real token
-(`models.reward_scores`) with the gain/bias stored in the model's config applied, so 0 is the mean over the reference
-responses of the normalisation (REFERENCE.md "Normalization after training"). The truncation lengths used in training
-are stored in the config too (`reward_max_prompt_len`, `reward_max_completion_len`) and reused here.
+(`forward.reward_scores`) with the gain/bias stored in the model's config applied, so 0 is the mean over the reference
+responses of the normalisation (docs/reference.md §Reward model). The truncation lengths used in training are
+stored in the config too (`reward_max_prompt_len`, `reward_max_completion_len`) and reused here.
 
 A path may be a reward-model directory (an `AutoModelForSequenceClassification` with one label), a `tether rm` run
 directory (its `model/` is used), or an ensemble: a directory holding `member-0 ... member-(K-1)`, each a reward-model
@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 
 from tether import data as D
-from tether.models import load_reward_model, load_tokenizer, reward_scores
+from tether.forward import reward_scores
+from tether.models import load_reward_model, load_tokenizer
 from tether.rewards import RewardOutput, RewardSource
 
 

@@ -8,7 +8,7 @@
     total = WeightedSum({"helpful": rm, "harmless": reward, "format": FunctionReward(think_answer_format)},
                         {"helpful": 1.0, "harmless": 0.5, "format": 0.2})
 
-REFERENCE.md, "AI feedback and rules": binary propositions phi_i are graded per response and combined by a
+docs/reference.md §AI feedback and rules: binary propositions phi_i are graded per response and combined by a
 linear model fitted on a small labelled set, added to the reward model's score: R = R_rm + sum_i w_i phi_i.
 
 Fitting: logistic regression on preference pairs (Bradley-Terry), not least squares on scores. The RM's score

@@ -10,7 +10,7 @@ and values in buffers of length P+T allocated once, and uses one `scaled_dot_pro
 boolean mask sliced from a preallocated one. Measured on one CPU core, a 4.3M-parameter Qwen2 shape, batch 16,
 32 + 64 tokens: 9.8 ms a step against 12.7 ms for "eager" and 18 ms for `generate`; the matrix products are about
 60% of the lean step, so on a CPU the gain stops there (benchmarks/RESULTS.md). Tokens are picked by
-`generation.pick_tokens`, the same function and generator calls as the "eager" backend, so for one seed both backends
+`core.pick_tokens`, the same function and generator calls as the "eager" backend, so for one seed both backends
 give the same tokens wherever their logits agree to rounding (tests/test_generation_lean.py checks tokens and
 log-probs against "eager"; tests/test_generation.py checks greedy decoding against a loop without a cache).
 
@@ -26,7 +26,9 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from tether.models import has_adapters, position_ids_from_mask
+from tether.generation.core import decode_loop
+from tether.packing import position_ids_from_mask
+from tether.wrappers import has_adapters
 
 LAYER_TYPES = {"LlamaDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer", "MistralDecoderLayer"}
 
@@ -110,8 +112,6 @@ class LeanDecoder:
 
 def sample_lean(model, ids, mask, max_new_tokens, eos_token_id, pad_token_id, temperature, top_k, top_p, generator):
     """The "lean" backend: prefill and decode through `LeanDecoder`, tokens picked as the "eager" backend does."""
-    from tether.generation import _decode_loop
-
     batch, prompt_len = ids.shape
     total = prompt_len + max_new_tokens
     key_mask = torch.ones(batch, total, dtype=torch.bool, device=ids.device)
@@ -127,5 +127,5 @@ def sample_lean(model, ids, mask, max_new_tokens, eos_token_id, pad_token_id, te
         pos = pos + 1
         return logits
 
-    return _decode_loop(step, first, batch, max_new_tokens, eos_token_id, pad_token_id, temperature, top_k, top_p,
+    return decode_loop(step, first, batch, max_new_tokens, eos_token_id, pad_token_id, temperature, top_k, top_p,
                         generator)

@@ -1,0 +1,146 @@
+"""Row readers (.jsonl/.json lines, Parquet, `save_to_disk` directories), load_records, detect_kind, write_jsonl."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from tether.data.schemas import RECORD_KINDS, SCHEMAS, DataError, validate_record
+
+log = logging.getLogger(__name__)
+
+
+class Records(list):
+    """A list of validated records with the file they came from and the (line, message) of records skipped."""
+
+    def __init__(self, items: Iterable[dict] = (), path: str | Path | None = None, kind: str | None = None,
+                 skipped: list[tuple[int, str]] | None = None):
+        super().__init__(items)
+        self.path, self.kind = path, kind
+        self.skipped: list[tuple[int, str]] = skipped if skipped is not None else []
+
+
+def _jsonl_rows(path: Path) -> Iterator[tuple[int, object]]:
+    """(line, parsed value) of each non-blank line; a line of bad UTF-8 or bad JSON gives a DataError as its value."""
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]  # UTF-8 byte order mark
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield number, DataError(f"invalid UTF-8 at byte {e.start} of the line", path, number)
+                continue
+            if not text.strip():
+                continue
+            try:
+                yield number, json.loads(text)
+            except json.JSONDecodeError as e:
+                yield number, DataError(f"invalid JSON: {e.msg} (column {e.colno})", path, number)
+
+
+def _drop_nulls(row: dict) -> dict:
+    """Table rows hold None where a record lacks a column: treat those fields as absent."""
+    return {k: v for k, v in row.items() if v is not None}
+
+
+def _parquet_rows(path: Path) -> Iterator[tuple[int, object]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"not a readable Parquet file ({e})", path) from None
+    number = 0
+    for batch in table.iter_batches(batch_size=1024):
+        for row in batch.to_pylist():
+            number += 1
+            yield number, _drop_nulls(row)
+
+
+def _saved_dataset_rows(path: Path) -> Iterator[tuple[int, object]]:
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except FileNotFoundError:
+        raise DataError("is a directory but not a dataset saved with `Dataset.save_to_disk`", path) from None
+    if isinstance(ds, datasets.DatasetDict):
+        raise DataError(f"is a DatasetDict with splits {list(ds)}; give one split's directory, "
+                        f"e.g. {path}/{next(iter(ds))}", path)
+    for number, row in enumerate(ds, start=1):
+        yield number, _drop_nulls(row)
+
+
+def read_rows(path: str | Path) -> Iterator[tuple[int, object]]:
+    """(line, row) of a .jsonl/.json lines file, a .parquet file or a `save_to_disk` directory, unvalidated.
+
+    A line that is not valid UTF-8 JSON comes back as a DataError value (so callers may skip it); a missing,
+    unreadable or unsupported file raises DataError.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DataError("no such file or directory", path)
+    if path.is_dir():
+        yield from _saved_dataset_rows(path)
+    elif path.suffix == ".parquet":
+        yield from _parquet_rows(path)
+    elif path.suffix in (".jsonl", ".json"):
+        yield from _jsonl_rows(path)
+    else:
+        raise DataError(f"unsupported format '{path.suffix}'; expected .jsonl, .json, .parquet or a saved dataset", path)
+
+
+def load_records(path: str | Path, kind: str, skip_invalid: bool = False) -> Records:
+    """Read and validate every record of `path` as `kind`.
+
+    With skip_invalid=False the first invalid record raises DataError(path, line, field); with True invalid records
+    are left out, listed in `.skipped` as (line, message) and summarised in one logged warning. A file without any
+    (valid) record raises.
+    """
+    if kind not in SCHEMAS:
+        raise ValueError(f"unknown record kind {kind!r}; expected one of {', '.join(RECORD_KINDS)}")
+    records = Records(path=path, kind=kind)
+    for line, row in read_rows(path):
+        try:
+            if isinstance(row, DataError):
+                raise row
+            records.append(validate_record(row, kind, path, line))
+        except DataError as e:
+            if not skip_invalid:
+                raise
+            records.skipped.append((line, str(e)))
+    if records.skipped:
+        lines = ", ".join(str(n) for n, _ in records.skipped[:10]) + (", ..." if len(records.skipped) > 10 else "")
+        log.warning("%s: skipped %d invalid %s record(s) (lines %s); first: %s", path, len(records.skipped), kind,
+                    lines, records.skipped[0][1])
+    if not records:
+        note = f"; all {len(records.skipped)} were invalid" if records.skipped else ""
+        raise DataError(f"no {kind} records{note}", path)
+    return records
+
+
+def detect_kind(path: str | Path) -> str:
+    """'rankings' when the first record has `completions`, 'pairs' when it has `chosen`."""
+    for line, row in read_rows(path):
+        if isinstance(row, dict) and "completions" in row:
+            return "rankings"
+        if isinstance(row, dict) and "chosen" in row:
+            return "pairs"
+        raise DataError("cannot tell pairs from rankings (no 'chosen' or 'completions'); set data_kind",
+                        path, line)
+    raise DataError("no records", path)
+
+
+def write_jsonl(path: str | Path, records: Iterable[dict]) -> Path:
+    """One JSON object per line, UTF-8 (non-ASCII kept as it is); creates parent directories; returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    return path
+

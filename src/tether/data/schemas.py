@@ -1,0 +1,222 @@
+"""Record kinds and what a valid one is: DataError, SCHEMAS (a check per kind), validate_record; prompt_of,
+expand_ranking."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+
+# --- errors -----------------------------------------------------------------------------------------------------------
+class DataError(ValueError):
+    """Invalid data: `str()` reads "<path>:<line>: field '<field>': <message>" with the parts that are known.
+
+    `line` is 1-based (a row index + 1 for Parquet and saved datasets) and None when the whole file is concerned.
+    """
+
+    def __init__(self, message: str, path: str | Path | None = None, line: int | None = None,
+                 field: str | None = None):
+        super().__init__(message)
+        self.message, self.path, self.line, self.field = message, path, line, field
+
+    def __str__(self) -> str:
+        where = "" if self.path is None else str(self.path)
+        if self.line is not None:
+            where = f"{where}:{self.line}"
+        parts = [where] if where else []
+        if self.field is not None:
+            parts.append(f"field '{self.field}'")
+        parts.append(self.message)
+        return ": ".join(parts)
+
+
+# --- checks, one per record kind --------------------------------------------------------------------------------------
+def _type_name(value) -> str:
+    """The JSON name of a Python value's type, for messages."""
+    if value is None:
+        return "null"
+    for kind, name in ((bool, "boolean"), (str, "string"), ((int, float), "number"), (list, "list"), (dict, "object")):
+        if isinstance(value, kind):
+            return name
+    return type(value).__name__
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _text(value, name: str) -> str:
+    """A non-empty string, or DataError naming the field."""
+    if not isinstance(value, str):
+        raise DataError(f"must be a string, got {_type_name(value)}", field=name)
+    if not value.strip():
+        raise DataError("is empty", field=name)
+    return value
+
+
+def _required(record: dict, name: str, prefix: str = ""):
+    if name not in record:
+        raise DataError("missing", field=prefix + name)
+    return record[name]
+
+
+def _text_list(value, name: str, min_len: int = 1) -> list:
+    if not isinstance(value, list):
+        raise DataError(f"must be a list of strings, got {_type_name(value)}", field=name)
+    if len(value) < min_len:
+        raise DataError(f"needs at least {min_len} item{'s' if min_len > 1 else ''}, got {len(value)}", field=name)
+    for i, item in enumerate(value):
+        _text(item, f"{name}[{i}]")
+    return value
+
+
+def _check_messages(turns, name: str) -> None:
+    """A non-empty list of {"role": str, "content": non-empty str} turns."""
+    if not isinstance(turns, list):
+        raise DataError(f"must be a list of turns, got {_type_name(turns)}", field=name)
+    if not turns:
+        raise DataError("is empty", field=name)
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            raise DataError(f"must be an object with 'role' and 'content', got {_type_name(turn)}", field=f"{name}[{i}]")
+        _text(_required(turn, "role", f"{name}[{i}]."), f"{name}[{i}].role")
+        _text(_required(turn, "content", f"{name}[{i}]."), f"{name}[{i}].content")
+
+
+def _check_prompt(record: dict) -> None:
+    """`prompt` (string or turns) or `messages` (turns), not both."""
+    if "prompt" in record and "messages" in record:
+        raise DataError("give either 'prompt' or 'messages', not both", field="messages")
+    if "messages" in record:
+        _check_messages(record["messages"], "messages")
+    elif "prompt" not in record:
+        raise DataError("missing (a prompt is 'prompt' or 'messages')", field="prompt")
+    elif isinstance(record["prompt"], list):
+        _check_messages(record["prompt"], "prompt")
+    else:
+        _text(record["prompt"], "prompt")
+
+
+def _check_demonstration(record: dict) -> None:
+    if "messages" in record and "prompt" not in record and "completion" not in record:
+        turns = record["messages"]
+        _check_messages(turns, "messages")
+        if not any(t["role"] == "assistant" for t in turns[1:]):
+            raise DataError("needs an assistant turn after the first turn (the loss is on assistant turns)",
+                            field="messages")
+        return
+    _check_prompt(record)
+    _text(_required(record, "completion"), "completion")
+
+
+def _check_pair(record: dict) -> None:
+    _check_prompt(record)
+    _text(_required(record, "chosen"), "chosen")
+    _text(_required(record, "rejected"), "rejected")
+    if "margin" in record and not _is_number(record["margin"]):
+        raise DataError(f"must be a finite number, got {_type_name(record['margin'])}", field="margin")
+    if "weight" in record and not (_is_number(record["weight"]) and record["weight"] > 0):
+        raise DataError(f"must be a number > 0, got {record['weight']!r}", field="weight")
+    if "rater" in record:
+        _text(record["rater"], "rater")
+
+
+def _check_ranking(record: dict) -> None:
+    _check_prompt(record)
+    k = len(_text_list(_required(record, "completions"), "completions", min_len=2))
+    ranking = _required(record, "ranking")
+    if not isinstance(ranking, list):
+        raise DataError(f"must be a list of indices, got {_type_name(ranking)}", field="ranking")
+    seen = set()
+    for i, index in enumerate(ranking):
+        if not isinstance(index, int) or isinstance(index, bool):
+            raise DataError(f"must be an integer index, got {_type_name(index)}", field=f"ranking[{i}]")
+        if not 0 <= index < k:
+            raise DataError(f"index {index} out of range for {k} completions", field=f"ranking[{i}]")
+        if index in seen:
+            raise DataError(f"index {index} appears twice", field=f"ranking[{i}]")
+        seen.add(index)
+    if len(seen) != k:
+        missing = sorted(set(range(k)) - seen)
+        raise DataError(f"must order all {k} completions (a permutation of 0..{k - 1}); missing {missing}",
+                        field="ranking")
+
+
+def _check_unpaired(record: dict) -> None:
+    _check_prompt(record)
+    _text(_required(record, "completion"), "completion")
+    label = _required(record, "label")
+    if not isinstance(label, bool):
+        raise DataError(f"must be true or false, got {_type_name(label)}", field="label")
+
+
+def _check_verifiable(record: dict) -> None:
+    _check_prompt(record)
+    if "answer" not in record and "tests" not in record:
+        raise DataError("missing (a verifiable task needs 'answer' or 'tests')", field="answer")
+    if "answer" in record:
+        answer = record["answer"]
+        if isinstance(answer, str):
+            _text(answer, "answer")
+        elif not _is_number(answer):
+            raise DataError(f"must be a string or a finite number, got {_type_name(answer)}", field="answer")
+    if "tests" in record:
+        if isinstance(record["tests"], list):
+            _text_list(record["tests"], "tests")
+        else:
+            _text(record["tests"], "tests")
+
+
+def _check_steps(record: dict) -> None:
+    _check_prompt(record)
+    steps = _text_list(_required(record, "steps"), "steps")
+    labels = _required(record, "labels")
+    if not isinstance(labels, list):
+        raise DataError(f"must be a list of 0/1 labels, got {_type_name(labels)}", field="labels")
+    if len(labels) != len(steps):
+        raise DataError(f"has {len(labels)} labels for {len(steps)} steps", field="labels")
+    for i, label in enumerate(labels):
+        if not (isinstance(label, bool) or (isinstance(label, int) and label in (0, 1))):
+            raise DataError(f"must be 0, 1, true or false, got {label!r}", field=f"labels[{i}]")
+
+
+SCHEMAS: dict[str, Callable[[dict], None]] = {
+    "prompts": _check_prompt,
+    "demonstrations": _check_demonstration,
+    "pairs": _check_pair,
+    "rankings": _check_ranking,
+    "unpaired": _check_unpaired,
+    "verifiable": _check_verifiable,
+    "steps": _check_steps,
+}
+RECORD_KINDS: tuple[str, ...] = tuple(SCHEMAS)
+
+
+def validate_record(record, kind: str, path: str | Path = "<memory>", line: int | None = None) -> dict:
+    """Check one record against the schema of `kind`; returns it unchanged or raises DataError(path, line, field)."""
+    if kind not in SCHEMAS:
+        raise ValueError(f"unknown record kind {kind!r}; expected one of {', '.join(RECORD_KINDS)}")
+    try:
+        if not isinstance(record, dict):
+            hint = " (one JSON object per line, not a JSON array)" if isinstance(record, list) else ""
+            raise DataError(f"expected a JSON object, got {_type_name(record)}{hint}")
+        SCHEMAS[kind](record)
+    except DataError as e:
+        e.path, e.line = path, line
+        raise
+    return record
+
+
+def prompt_of(record: dict):
+    """The prompt of a record: a string or a list of chat turns."""
+    return record["prompt"] if "prompt" in record else record["messages"]
+
+
+def expand_ranking(record: dict) -> list[dict]:
+    """All C(K, 2) pairs of a ranking record, better completion as `chosen` (InstructGPT's RM data)."""
+    order, texts = record["ranking"], record["completions"]
+    key = "prompt" if "prompt" in record else "messages"
+    return [{key: record[key], "chosen": texts[order[i]], "rejected": texts[order[j]]}
+            for i in range(len(order)) for j in range(i + 1, len(order))]
+

@@ -1,0 +1,235 @@
+"""Records to token ids: the Example types, chat-template rendering and masking, prompt (cut left) and completion
+(cut right) encoding, TruncationStats."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from tether.data.schemas import DataError, prompt_of
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100  # label of tokens without loss (torch cross-entropy's ignore_index)
+
+
+@dataclass
+class Example:
+    """One language-modelling row: `labels` is `input_ids` with IGNORE_INDEX where there is no loss.
+
+    `position_ids` is set on packed rows only (positions restart at 0 for each packed example).
+    """
+
+    input_ids: list[int]
+    labels: list[int]
+    prompt_truncated: bool = False
+    completion_truncated: bool = False
+    position_ids: list[int] | None = None
+
+
+@dataclass
+class PairExample:
+    """A preference pair as token ids: prompt + chosen is preferred to prompt + rejected."""
+
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+    margin: float = 0.0
+    weight: float = 1.0
+    prompt_truncated: bool = False
+    chosen_truncated: bool = False
+    rejected_truncated: bool = False
+
+    @property
+    def completion_truncated(self) -> bool:
+        return self.chosen_truncated or self.rejected_truncated
+
+
+@dataclass
+class RankingExample:
+    """K completions of one prompt as token ids; `ranking` lists completion indices best to worst."""
+
+    prompt_ids: list[int]
+    completion_ids: list[list[int]]
+    ranking: list[int]
+    prompt_truncated: bool = False
+    completions_truncated: list[bool] = field(default_factory=list)
+
+    @property
+    def completion_truncated(self) -> bool:
+        return any(self.completions_truncated)
+
+
+@dataclass
+class UnpairedExample:
+    """One completion with a thumbs-up (label True) or thumbs-down, as token ids (KTO)."""
+
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    label: bool
+    prompt_truncated: bool = False
+    completion_truncated: bool = False
+
+
+def _render_chat(tokenizer, turns: list[dict], add_generation_prompt: bool) -> str:
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise DataError("the record is a chat but the tokenizer has no chat template; set tokenizer.chat_template "
+                        "or give plain 'prompt'/'completion' strings", field="messages")
+    return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def _cut_left(ids: list[int], max_len: int | None, bos_id: int | None) -> tuple[list[int], bool]:
+    """Keep the last max_len ids; a leading BOS stays in front (it marks the start of the text, not its content)."""
+    if max_len is None or len(ids) <= max_len:
+        return ids, False
+    if max_len < 1:
+        raise ValueError(f"max_prompt_len must be >= 1, got {max_len}")
+    if bos_id is not None and ids[0] == bos_id and max_len > 1:
+        return [ids[0]] + ids[len(ids) - max_len + 1 :], True
+    return ids[len(ids) - max_len :], True
+
+
+def _cut_right(ids: list[int], max_len: int | None) -> tuple[list[int], bool]:
+    if max_len is None or len(ids) <= max_len:
+        return ids, False
+    if max_len < 1:
+        raise ValueError(f"max_completion_len must be >= 1, got {max_len}")
+    return ids[:max_len], True
+
+
+def encode_prompt(tokenizer, prompt: str | list[dict], max_len: int | None = None) -> tuple[list[int], bool]:
+    """Token ids of a prompt, cut from the left to max_len; returns (ids, truncated).
+
+    A string is tokenised as raw text with the tokenizer's special tokens (BOS for models that use one); a list of
+    turns is rendered by the chat template with the generation prompt (e.g. "<assistant> ") appended.
+    """
+    if isinstance(prompt, str):
+        ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    else:
+        ids = tokenizer(_render_chat(tokenizer, prompt, True), add_special_tokens=False)["input_ids"]
+    return _cut_left(list(ids), max_len, tokenizer.bos_token_id)
+
+
+def encode_completion(tokenizer, text: str, max_len: int | None = None) -> tuple[list[int], bool]:
+    """Raw-text token ids + EOS, cut from the right to max_len (a cut completion loses its EOS)."""
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no EOS token; completions end with EOS")
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"]) + [tokenizer.eos_token_id]
+    return _cut_right(ids, max_len)
+
+
+def _assistant_spans(tokenizer, turns: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered chat and the character spans of assistant turns, found by rendering it turn by turn.
+
+    Span i runs from the end of render(turns[:i], generation prompt) to the end of render(turns[:i+1]), so it holds
+    the reply and whatever the template closes it with (an end-of-turn token): the model learns to stop.
+    """
+    full = _render_chat(tokenizer, turns, False)
+    spans = []
+    for i, turn in enumerate(turns):
+        if turn["role"] != "assistant" or i == 0:  # an opening assistant turn answers nothing: context, no loss
+            continue
+        before = _render_chat(tokenizer, turns[:i], True)
+        upto = _render_chat(tokenizer, turns[: i + 1], False)
+        if not (full.startswith(upto) and upto.startswith(before)):
+            raise DataError(f"the chat template does not render turn {i} as a continuation of the turns before it "
+                            "(it rewrites earlier turns), so assistant tokens cannot be located", field="messages")
+        spans.append((len(before), len(upto)))
+    return full, spans
+
+
+def _tokenize_with_mask(tokenizer, text: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[bool]]:
+    """Token ids of `text` and, per token, whether it starts inside one of the character spans."""
+    if tokenizer.is_fast:
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        inside = [any(s <= start < e for s, e in spans) for start, _ in enc["offset_mapping"]]
+        return list(enc["input_ids"]), inside
+    # slow tokenizers have no offsets: tokenise the pieces between span boundaries one by one
+    cuts = sorted({0, len(text), *(c for span in spans for c in span)})
+    ids, inside = [], []
+    for a, b in zip(cuts, cuts[1:]):
+        piece = tokenizer(text[a:b], add_special_tokens=False)["input_ids"]
+        ids += piece
+        inside += [any(s <= a < e for s, e in spans)] * len(piece)
+    return ids, inside
+
+
+def _encode_chat_demonstration(tokenizer, turns, max_prompt_len, max_completion_len) -> Example:
+    """Loss on the assistant turns; the prompt is everything before the first of them, the completion the rest."""
+    text, spans = _assistant_spans(tokenizer, turns)
+    ids, inside = _tokenize_with_mask(tokenizer, text, spans)
+    first = inside.index(True) if True in inside else len(ids)
+    prompt, p_cut = _cut_left(ids[:first], max_prompt_len, tokenizer.bos_token_id)
+    rest, c_cut = _cut_right(ids[first:], max_completion_len)
+    rest_inside = inside[first : first + len(rest)]
+    labels = [IGNORE_INDEX] * len(prompt) + [t if m else IGNORE_INDEX for t, m in zip(rest, rest_inside)]
+    return Example(prompt + rest, labels, p_cut, c_cut)
+
+
+def encode_demonstration(tokenizer, record: dict, max_prompt_len: int | None = None,
+                         max_completion_len: int | None = None) -> Example:
+    """SFT row: prompt tokens (label IGNORE_INDEX) + completion tokens + EOS (labelled).
+
+    A `messages` record is rendered by the chat template and labelled on every assistant turn after the first turn;
+    the text before the first labelled turn counts as the prompt (cut left), the rest as the completion (cut right).
+    """
+    if "completion" not in record:
+        return _encode_chat_demonstration(tokenizer, record["messages"], max_prompt_len, max_completion_len)
+    prompt, p_cut = encode_prompt(tokenizer, prompt_of(record), max_prompt_len)
+    completion, c_cut = encode_completion(tokenizer, record["completion"], max_completion_len)
+    return Example(prompt + completion, [IGNORE_INDEX] * len(prompt) + completion, p_cut, c_cut)
+
+
+def encode_pair(tokenizer, record: dict, max_prompt_len: int | None = None,
+                max_completion_len: int | None = None) -> PairExample:
+    """Preference pair: prompt ids once, chosen and rejected completions (+ EOS), margin (0 if absent), weight (1)."""
+    prompt, p_cut = encode_prompt(tokenizer, prompt_of(record), max_prompt_len)
+    chosen, c_cut = encode_completion(tokenizer, record["chosen"], max_completion_len)
+    rejected, r_cut = encode_completion(tokenizer, record["rejected"], max_completion_len)
+    return PairExample(prompt, chosen, rejected, float(record.get("margin", 0.0)), float(record.get("weight", 1.0)),
+                       p_cut, c_cut, r_cut)
+
+
+def encode_ranking(tokenizer, record: dict, max_prompt_len: int | None = None,
+                   max_completion_len: int | None = None) -> RankingExample:
+    """Ranking: prompt ids once, each of the K completions (+ EOS), ranking best to worst as given."""
+    prompt, p_cut = encode_prompt(tokenizer, prompt_of(record), max_prompt_len)
+    encoded = [encode_completion(tokenizer, text, max_completion_len) for text in record["completions"]]
+    return RankingExample(prompt, [ids for ids, _ in encoded], list(record["ranking"]), p_cut,
+                          [cut for _, cut in encoded])
+
+
+def encode_unpaired(tokenizer, record: dict, max_prompt_len: int | None = None,
+                    max_completion_len: int | None = None) -> UnpairedExample:
+    """Unpaired feedback: prompt ids, completion ids (+ EOS) and the desirable/undesirable label."""
+    prompt, p_cut = encode_prompt(tokenizer, prompt_of(record), max_prompt_len)
+    completion, c_cut = encode_completion(tokenizer, record["completion"], max_completion_len)
+    return UnpairedExample(prompt, completion, bool(record["label"]), p_cut, c_cut)
+
+
+@dataclass
+class TruncationStats:
+    """How many encoded examples had their prompt (cut left) or any completion (cut right) truncated."""
+
+    examples: int = 0
+    prompts_truncated: int = 0
+    completions_truncated: int = 0
+
+    def update(self, example) -> None:
+        self.examples += 1
+        self.prompts_truncated += bool(example.prompt_truncated)
+        self.completions_truncated += bool(example.completion_truncated)
+
+    def as_dict(self) -> dict[str, int]:
+        return {"examples": self.examples, "prompts_truncated": self.prompts_truncated,
+                "completions_truncated": self.completions_truncated}
+
+    def warn_if_any(self, logger: logging.Logger = log) -> bool:
+        """Log one warning when anything was cut; returns whether it did."""
+        if not (self.prompts_truncated or self.completions_truncated):
+            return False
+        logger.warning("truncated %d of %d prompts (from the left) and %d of %d completions (from the right); "
+                       "raise max_prompt_len / max_completion_len to keep them whole", self.prompts_truncated,
+                       self.examples, self.completions_truncated, self.examples)
+        return True
+

@@ -1,0 +1,30 @@
+"""Where a recipe's task and prompts come from: a named embedded task, a file, or the task's own splits.
+
+    task = load_task(cfg.task)                                   # None for "" or "none"
+    train = load_prompts(cfg.prompts, task, "train", cfg.n_train_prompts, cfg.seed, key="prompts")
+    held = load_prompts(cfg.eval_prompts, task, "test", cfg.n_eval_prompts, cfg.seed, key="eval_prompts")
+
+A file gives its first `n` records (all of them for n=None), validated as `kind`; without one, the task's split.
+"""
+
+from __future__ import annotations
+
+from tether import data as D
+from tether.config import ConfigError
+from tether.tasks import get_task
+
+
+def load_task(name: str):
+    """The embedded task module of that name, or None for "" and "none"."""
+    return None if name in ("", "none") else get_task(name)
+
+
+def load_prompts(path: str, task, split: str, n: int | None, seed: int = 0, kind: str = "prompts",
+                 key: str = "prompts") -> list[dict]:
+    """Prompt records of `path`, or `n` of the task's `split` (seeded); ConfigError naming `key` when neither."""
+    if path:
+        records = list(D.load_records(path, kind))
+        return records if n is None else records[:n]
+    if task is None:
+        raise ConfigError(f"needs {key}=FILE or task=NAME")
+    return task.prompts(split, n, seed=seed)
