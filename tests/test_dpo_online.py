@@ -1,4 +1,4 @@
-"""Online DPO: the pair rules by hand, the labellers, and `tether dpo online=true` end to end on a tiny model — pairs
+"""Online DPO: the pair rules by hand, the labellers, and `tether dpo online` end to end on a tiny model — pairs
 sampled each round, reference log-probs from the FIXED starting policy, parameters moved, exact reuse on resume."""
 
 import json

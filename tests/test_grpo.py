@@ -76,3 +76,38 @@ def test_weights_and_several_rewards(setup):
     with pytest.raises(Exception, match="reward_weights"):
         cfg_for(setup, rewards=LENGTH_REWARD, reward_weights="1,2").validate() or G.build_rewards(
             cfg_for(setup, rewards=LENGTH_REWARD, reward_weights="1,2"), None)
+
+
+def logging_reward(prompts, completions, records):
+    """A length reward that also writes each call's prompts to $GRPO_PROMPT_LOG.<rank> (one JSON list per call)."""
+    import os
+
+    with open(f"{os.environ['GRPO_PROMPT_LOG']}.{os.environ.get('RANK', '0')}", "a") as f:
+        f.write(json.dumps(list(prompts)) + "\n")
+    return length_reward(prompts, completions, records)
+
+
+@pytest.mark.slow
+def test_two_processes_draw_disjoint_prompts(setup):
+    """Under torchrun with 2 processes, each step's prompts are one global draw of 2 x prompts_per_step split
+    between the ranks: no prompt sampled twice in a step, and together the draw a single process would take."""
+    import os
+    import subprocess
+    import sys
+
+    from tether.engine import step_indices
+
+    log = setup / "prompts"
+    cfg = cfg_for(setup, rewards="python:tests.test_grpo:logging_reward", beta=0.0)
+    args = [f"{k}={getattr(cfg, k)}" for k in ("model", "task", "prompts", "eval_prompts", "rewards", "max_steps",
+                                                "prompts_per_step", "group_size", "max_new_tokens", "batch_size")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GRPO_PROMPT_LOG": str(log)}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+                    "tether.cli", "grpo", *args, "beta=0", "progress=false", f"out={setup / 'ddp'}"], check=True, env=env,
+                   timeout=600, cwd=os.getcwd())
+    pool = [json.loads(x)["prompt"] for x in (setup / "p.jsonl").read_text().splitlines()]
+    calls = [[json.loads(x) for x in open(f"{log}.{r}").read().splitlines()] for r in (0, 1)]
+    for step in range(2):
+        mine = [sorted(set(calls[r][step])) for r in (0, 1)]  # a rank's rows: its prompts, G times each
+        assert len(mine[0]) == len(mine[1]) == 2 and not set(mine[0]) & set(mine[1])
+        assert sorted(mine[0] + mine[1]) == sorted(pool[i] for i in step_indices(step, 4, len(pool), cfg.seed))
