@@ -3,6 +3,7 @@
     python benchmarks/packing.py                  # the 4.3M-parameter model of vs_trl.py, every shape, 5 repeats
     python benchmarks/packing.py --append         # also append the table to benchmarks/RESULTS.md
     python benchmarks/packing.py --smoke          # seconds: a tiny model (tests/test_bench.py runs this)
+    python benchmarks/packing.py --run-cost       # measures packing.RUN_COST, the cost model's one constant
 
 What is timed: `forward.token_outputs(...).logprobs` then `.sum().backward()` on one batch, the forward and backward a training
 step spends on its rows (SFT, DPO, GRPO all go through it), for each layout on the same batches:
@@ -16,6 +17,12 @@ a round, so machine noise hits them alike. Ratios are padded time / layout time,
 Shapes (rows per batch; P prompt and C response tokens, uniform in the ranges given): SFT and DPO as in vs_trl.py's
 variable-length data; GRPO as vs_trl.py generates it (2 prompts x G = 8, 32 + 64, all the same length); and a GRPO
 group of longer, variable responses (G = 8, 64 + 64..256), where a dense mask over one wide row costs the most.
+
+`--run-cost` measures the constant `packing.plan` weighs the flat row with: what one more attention call costs, in
+tokens through the linear layers. The same 496 real tokens go through forward and backward twice: as 62 rows of 8
+(one attention call per layer, nothing padded) and as one flat row of 31 sequences of lengths 1..31 (31 calls per
+layer). RUN_COST = ((t_flat − t_rows) / (t_rows / 496) − extra pairs / κ) / 30, for Qwen2-shaped models of hidden
+64, 128 and 256 (4 layers, MLP 4x), median of `--repeats` alternating rounds.
 """
 
 from __future__ import annotations
@@ -117,6 +124,49 @@ def measure(shapes: dict, model, vocab: int, batches: int, repeats: int, device,
     return out
 
 
+def run_cost(hidden: int, repeats: int, device, log=print) -> float:
+    """RUN_COST measured on one model shape (see the module docstring), in tokens."""
+    from tether import packing
+    from tether.forward import forward_inputs
+
+    model = make_model(hidden, 4, 4, 4 * hidden, 512, 64, device)
+    lengths = list(range(1, 32))  # 31 sequences, 496 tokens
+    n = sum(lengths)
+    g = torch.Generator().manual_seed(0)
+    flat_ids = torch.zeros(len(lengths), max(lengths), dtype=torch.long)
+    flat_mask = torch.zeros_like(flat_ids)
+    for i, k in enumerate(lengths):
+        flat_ids[i, :k], flat_mask[i, :k] = torch.randint(3, 512, (k,), generator=g), 1
+    ordered = packing._flat_order(packing._segments(None, lengths, [0] * len(lengths), None))
+    plan = packing._flat_layout(ordered, packing._span_runs(ordered), tuple(flat_mask.shape), [0] * len(lengths),
+                                device)
+    rows_ids = torch.randint(3, 512, (n // 8, 8), generator=g)
+    batches = {"rows": (rows_ids.to(device), torch.ones_like(rows_ids).to(device), None),
+               "flat": (flat_ids.to(device), flat_mask.to(device), plan)}
+
+    def once(name: str) -> float:
+        ids, mask, p = batches[name]
+        t0 = time.perf_counter()
+        with packing.attention_for(p, model):
+            model(**forward_inputs(model, ids, mask, p)).logits.logsumexp(-1).sum().backward()
+        if ids.is_cuda:
+            torch.cuda.synchronize()
+        model.zero_grad(set_to_none=True)
+        return time.perf_counter() - t0
+
+    once("rows"), once("flat")  # warm-up
+    times = {"rows": [], "flat": []}
+    for _ in range(repeats):
+        for name in times:
+            times[name].append(once(name))
+    t_rows, t_flat = statistics.median(times["rows"]), statistics.median(times["flat"])
+    pairs = sum(k * (k + 1) // 2 for k in lengths) - (n // 8) * 36  # the flat row's extra (query, key) pairs
+    kappa = packing.attention_ratio(model.config)
+    cost = ((t_flat - t_rows) / (t_rows / n) - pairs / kappa) / (len(lengths) - 1)
+    log(f"hidden {hidden}: rows {1000 * t_rows:.1f} ms, flat {1000 * t_flat:.1f} ms -> RUN_COST {cost:.1f} tokens")
+    return cost
+
+
 def table(rows: list[dict], header: str) -> str:
     lines = [header, "", "| shape | real tokens | padded ms | rows ms | default ms (picked) | padded/rows | padded/default |",
              "|---|---|---|---|---|---|---|"]
@@ -133,10 +183,27 @@ def main(argv=None) -> int:
     ap.add_argument("--batches", type=int, default=4, help="batches per shape, each timed once per round")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: as it comes)")
     ap.add_argument("--append", action="store_true", help="append the table to benchmarks/RESULTS.md")
+    ap.add_argument("--run-cost", action="store_true", help="measure packing.RUN_COST instead of the layouts")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.run_cost:
+        from tether import packing
+
+        hiddens, repeats = ((32,), 2) if args.smoke else ((64, 128, 256), args.repeats)
+        found = {h: run_cost(h, repeats, device) for h in hiddens}
+        text = (f"## packing.py --run-cost, {dt.date.today()}: one more attention call of a flat row, in tokens\n\n"
+                f"- machine: {platform.processor() or platform.machine()}, {device}, torch threads "
+                f"{torch.get_num_threads()}; torch {torch.__version__}; median of {repeats} rounds\n"
+                f"- Qwen2-shaped, 4 layers, MLP 4x hidden: " + ", ".join(f"hidden {h}: {c:.1f}" for h, c in
+                                                                        found.items())
+                + f" (packing.RUN_COST = {packing.RUN_COST})")
+        print("\n" + text)
+        if args.append and not args.smoke:
+            with open(HERE / "RESULTS.md", "a") as f:
+                f.write("\n" + text + "\n")
+        return 0
     if args.smoke:
         dims, shapes, args.repeats, args.batches = (32, 1, 2, 64, 64), SMOKE_SHAPES, 1, 1
     else:

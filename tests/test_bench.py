@@ -89,6 +89,13 @@ def test_vs_trl_smoke():
         assert f"| {stage} |" in out.stdout
 
 
+def test_packing_script_measures_the_run_cost():
+    out = subprocess.run([sys.executable, str(BENCH / "packing.py"), "--smoke", "--run-cost"], capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "RUN_COST" in out.stdout and "hidden 32: " in out.stdout
+
+
 def test_packing_script_smoke_and_its_table():
     import packing as B  # benchmarks/packing.py
 

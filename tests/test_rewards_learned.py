@@ -9,9 +9,8 @@ from tether import data as D
 from tether.config import ConfigError
 from tether.forward import reward_scores
 from tether.models import load_reward_model, load_tokenizer
-from tether.rewards import FunctionReward, RewardOutput
+from tether.rewards import FunctionReward, RewardOutput, WeightedSum
 from tether.rewards.learned import LearnedReward, encode_for_reward, reward_model_dirs, score_sequences
-from tether.rewards.rules import WeightedSum
 from tether.rewards.spec import parse_spec, reward_from_spec
 from tether.testing import save_tiny, tiny_tokenizer
 

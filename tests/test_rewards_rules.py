@@ -6,14 +6,14 @@ import time
 import pytest
 import torch
 
-from tether.rewards import FunctionReward, RewardOutput, RewardSource
+from tether.rewards import FunctionReward, RewardOutput, RewardSource, WeightedSum
 from tether.rewards.format import (
     is_think_answer,
     soft_overlong_penalty,
     think_answer_format,
     think_answer_format_lenient,
 )
-from tether.rewards.rules import Proposition, RuleReward, WeightedSum, fit_rule_weights, grade
+from tether.rewards.rules import Proposition, RuleReward, fit_rule_weights, grade
 
 # --- propositions and RuleReward ----------------------------------------------------------------------------
 

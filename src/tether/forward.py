@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from tether import data as D
-from tether.losses import entropy_from_logits, logprobs_from_logits, sft_loss
+from tether.losses import entropy_from_logits, logprobs_from_logits, sequence_logprobs, sft_loss
 from tether.packing import (
     NO_MASK,
     Packing,
@@ -145,9 +145,7 @@ def sequence_logps(model, batch: dict, average: bool, padding_free: bool = True)
     prompts = (batch["attention_mask"] - batch["response_mask"]).sum(1)  # (rows,) real prompt tokens
     token = token_outputs(model, batch["input_ids"], batch["attention_mask"], prefix_lengths=prompts,
                           padding_free=padding_free).logprobs  # (rows, T-1)
-    resp = batch["response_mask"][:, 1:].to(token.dtype)
-    total = (token * resp).sum(-1)
-    return total / resp.sum(-1).clamp(min=1) if average else total
+    return sequence_logprobs(token, batch["response_mask"][:, 1:].to(token.dtype), average)
 
 
 def completion_nll(model, batch: dict, num_tokens: float, padding_free: bool = True) -> torch.Tensor:

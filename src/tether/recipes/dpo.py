@@ -181,6 +181,16 @@ def train_step(engine, model, examples, ref, spec, cfg, pad, step: int, data_ste
     return metrics
 
 
+def start_evaluation(cfg, engine, policy, ref_model, tokenizer, task, held, start: int, extra: dict) -> dict:
+    """The starting policy's held-out numbers: from the checkpoint on resume, else measured (evals.jsonl step 0)."""
+    if extra.get("start_eval") is not None or task is None:
+        return extra.get("start_eval") or {}
+    result = held_out(cfg, policy, ref_model, tokenizer, task, held)
+    if start == 0 and engine.is_main:
+        append_eval(engine.run_dir, 0, result)
+    return result
+
+
 def summarize(cfg, engine, metrics: dict, total: int, start_eval: dict, end_eval: dict) -> dict:
     """summary.json of a DPO run (offline or online): the issue's keys, plus length and diversity at the end."""
     summary = {"train_loss": metrics.get("loss", float("nan")),
@@ -208,9 +218,7 @@ def run(cfg: DPOConfig) -> dict:
     model, _, _ = engine.setup(model, total, len(examples))
     start, extra = engine.resume()
     policy = engine.unwrap(model)
-    start_eval = extra.get("start_eval") or (held_out(cfg, policy, ref_model, tokenizer, task, held) if task else {})
-    if task is not None and start == 0 and engine.is_main:
-        append_eval(engine.run_dir, 0, start_eval)
+    start_eval = start_evaluation(cfg, engine, policy, ref_model, tokenizer, task, held, start, extra)
     model.train()
 
     metrics = {}

@@ -46,6 +46,7 @@ from tether.recipes.dpo import (
     held_out,
     held_out_records,
     reference_logps,
+    start_evaluation,
     summarize,
     train_step,
 )
@@ -188,9 +189,7 @@ def run(cfg: OnlineDPOConfig) -> dict:
     model, _, _ = engine.setup(model, total, cfg.pairs_per_round)
     start, extra = engine.resume()
     policy = engine.unwrap(model)
-    start_eval = extra.get("start_eval") or (held_out(cfg, policy, reference, tokenizer, task, held) if task else {})
-    if task is not None and start == 0 and engine.is_main:
-        append_eval(engine.run_dir, 0, start_eval)
+    start_eval = start_evaluation(cfg, engine, policy, reference, tokenizer, task, held, start, extra)
     model.train()
 
     metrics, end_eval = {}, start_eval

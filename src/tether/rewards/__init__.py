@@ -9,12 +9,13 @@ Every consumer (PPO, GRPO, best-of-N, online DPO, evaluation) asks a reward sour
     out.step_scores   # list of per-step score lists (process rewards), or None
 
 `records` are the data records the prompts came from (they carry `answer`, `tests`, ...), one per completion.
-A plain Python function `f(prompts, completions, records) -> list[float]` is wrapped by `FunctionReward`.
+A plain Python function `f(prompts, completions, records) -> list[float]` is wrapped by `FunctionReward`; several
+sources with weights (helpful, harmless, honest, format ...) make one with `WeightedSum`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -47,3 +48,37 @@ class FunctionReward(RewardSource):
     def __call__(self, prompts, completions, records) -> RewardOutput:
         scores = torch.tensor([float(s) for s in self.fn(prompts, completions, records)], dtype=torch.float32)
         return RewardOutput(scores=scores, components={self.name: scores})
+
+
+class WeightedSum(RewardSource):
+    """R = sum_k c_k R_k over named sources (multi-objective: helpful / harmless / honest / format ...).
+
+    `components` holds each source's own (unweighted) score under its name, and that source's components as
+    "name/component", so every objective is logged separately. std, when some source reports one, assumes
+    independent sources: sqrt(sum_k c_k^2 std_k^2) over those that do.
+    """
+
+    name = "weighted_sum"
+
+    def __init__(self, sources: Mapping[str, RewardSource], weights: Mapping[str, float] | None = None):
+        if not sources:
+            raise ValueError("WeightedSum needs at least one source")
+        self.sources = dict(sources)
+        self.weights = {k: 1.0 for k in self.sources} if weights is None else dict(weights)
+        if set(self.weights) != set(self.sources):
+            raise ValueError(f"weights for {sorted(self.weights)} but sources {sorted(self.sources)}")
+
+    def __call__(self, prompts, completions, records) -> RewardOutput:
+        scores, variance, components = None, None, {}
+        for key, source in self.sources.items():
+            out = source(prompts, completions, records)
+            c = self.weights[key]
+            scores = c * out.scores if scores is None else scores + c * out.scores
+            if out.std is not None:
+                variance = (c * out.std) ** 2 + (0 if variance is None else variance)
+            components[key] = out.scores
+            for sub, values in out.components.items():
+                if sub != source.name:  # FunctionReward repeats its own score under its name
+                    components[f"{key}/{sub}"] = values
+        std = None if variance is None else variance.sqrt()
+        return RewardOutput(scores=scores, std=std, components=components)

@@ -1,12 +1,11 @@
-"""Rule-based rewards (OpenAI 2024, "Rule Based Rewards for Language Model Safety"); weighted sums of sources.
+"""Rule-based rewards (OpenAI 2024, "Rule Based Rewards for Language Model Safety").
 
     rules = [Proposition("refuses", r"(?i)\\bI can(?:no|')t help"),
              Proposition("apologises", r"(?i)\\bsorry\\b"),
              Proposition("short", lambda prompt, completion: len(completion) < 400)]
     w = fit_rule_weights(grade(rules, p_w, y_w), grade(rules, p_l, y_l), base_margin=rm_w - rm_l)
     reward = RuleReward(rules, w, base=rm_source)       # R = R_rm + sum_i w_i * phi_i
-    total = WeightedSum({"helpful": rm, "harmless": reward, "format": FunctionReward(think_answer_format)},
-                        {"helpful": 1.0, "harmless": 0.5, "format": 0.2})
+    total = WeightedSum({"helpful": rm, "harmless": reward}, {"helpful": 1.0, "harmless": 0.5})  # rewards/__init__
 
 docs/reference.md §AI feedback and rules: binary propositions phi_i are graded per response and combined by a
 linear model fitted on a small labelled set, added to the reward model's score: R = R_rm + sum_i w_i phi_i.
@@ -22,7 +21,7 @@ cancels in every difference, so none is fitted.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -116,38 +115,4 @@ class RuleReward(RewardSource):
             scores = scores + base.scores
             components["base"] = base.scores
             std = base.std  # the rules themselves are deterministic
-        return RewardOutput(scores=scores, std=std, components=components)
-
-
-class WeightedSum(RewardSource):
-    """R = sum_k c_k R_k over named sources (multi-objective: helpful / harmless / honest / format ...).
-
-    `components` holds each source's own (unweighted) score under its name, and that source's components as
-    "name/component", so every objective is logged separately. std, when some source reports one, assumes
-    independent sources: sqrt(sum_k c_k^2 std_k^2) over those that do.
-    """
-
-    name = "weighted_sum"
-
-    def __init__(self, sources: Mapping[str, RewardSource], weights: Mapping[str, float] | None = None):
-        if not sources:
-            raise ValueError("WeightedSum needs at least one source")
-        self.sources = dict(sources)
-        self.weights = {k: 1.0 for k in self.sources} if weights is None else dict(weights)
-        if set(self.weights) != set(self.sources):
-            raise ValueError(f"weights for {sorted(self.weights)} but sources {sorted(self.sources)}")
-
-    def __call__(self, prompts, completions, records) -> RewardOutput:
-        scores, variance, components = None, None, {}
-        for key, source in self.sources.items():
-            out = source(prompts, completions, records)
-            c = self.weights[key]
-            scores = c * out.scores if scores is None else scores + c * out.scores
-            if out.std is not None:
-                variance = (c * out.std) ** 2 + (0 if variance is None else variance)
-            components[key] = out.scores
-            for sub, values in out.components.items():
-                if sub != source.name:  # FunctionReward repeats its own score under its name
-                    components[f"{key}/{sub}"] = values
-        std = None if variance is None else variance.sqrt()
         return RewardOutput(scores=scores, std=std, components=components)

@@ -4,7 +4,7 @@
     reward_from_spec("python:my_rewards:brevity")          # f(prompts, completions, records) -> list[float]
     reward_from_spec("python:path/to/rewards.py:brevity")  # the same, from a file
     reward_from_spec("arithmetic")                         # a built-in: a task's gold reward or a verifier (BUILTINS)
-    reward_from_spec("rm:runs/rm*1.0+format*0.5")          # weighted sum (rules.WeightedSum), each part logged
+    reward_from_spec("rm:runs/rm*1.0+format*0.5")          # weighted sum (rewards.WeightedSum), each part logged
 
 Grammar: spec = term ("+" term)*, term = source ["*" weight], weight a number (negative allowed: "format*-0.5").
 Terms split at a "+" followed by a letter, so a weight such as 1e+3 stays whole (a path with "+<letter>" in it cannot
@@ -106,7 +106,7 @@ def reward_from_spec(spec: str | RewardSource, **rm_kwargs) -> RewardSource:
     sources = [(source_from_term(term, **rm_kwargs), weight) for term, weight in terms]
     if len(sources) == 1 and sources[0][1] == 1.0:
         return sources[0][0]
-    from tether.rewards.rules import WeightedSum
+    from tether.rewards import WeightedSum
 
     named, weights = {}, {}
     for source, weight in sources:
