@@ -5,7 +5,8 @@
     python benchmarks/seed_table.py --append                 # also append the markdown table to RESULTS.md
 
 Each cell runs on one torch thread in its own worker process (two at a time on two cores), the setting the slow
-tier runs under (the Makefile exports OMP_NUM_THREADS=1), so the slow tests' (0, 0) cell is one of these. A reviews
+tier runs under (the Makefile exports OMP_NUM_THREADS=1), so on the machine that recorded the table the slow tests'
+(0, 0) cell is one of these; another CPU's kernels round differently and give another draw (RESULTS.md). A reviews
 cell is one `tether demo stages=sft,rm,ppo,dpo,ipo` (the rm, ppo, dpo and ipo figures, 2-6 minutes); a grpo or
 rloo cell one `tether grpo task=arithmetic` (45-100 s). Finished cells are kept in OUT/cells/ and not run
 again, so an interrupted table resumes. The result is benchmarks/seed_table.json: every cell, the fingerprint of the

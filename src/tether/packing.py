@@ -205,9 +205,11 @@ def plan(mask: torch.Tensor, kappa: float = float("inf"), min_saving: float = 0.
     return _layout(segments, where, (n_rows, padded_width), width, rows, starts, mask.device)
 
 
-RUN_COST = 8.0  # one more attention call of a flat row, in tokens through the linear layers. Measured once, not in
-#  a script of the repo: forward + backward of 512 tokens as 31 runs of distinct lengths against one padded batch of
-#  8-token rows, 4-layer Llama shapes on 2 CPU threads: 9.6 tokens (hidden 64), 9.6 (128), 5.0 (256)
+RUN_COST = 8.0  # one more attention call of a flat row, in tokens through the linear layers. Measured by
+#  `python benchmarks/packing.py --run-cost` (2 CPU threads, Qwen2 shapes, 4 layers, two runs on 2026-12-02):
+#  hidden 64: 15.9 / 16.8, hidden 128: 4.9 / 4.9, hidden 256: 1.6 / 2.9; it falls as the model grows, since a call's
+#  fixed cost is spread over more FLOPs. 8 lies inside that range; a different value would route some batches to
+#  another layout and so change the rounding of every recorded figure, so it changes only with a new seed table.
 
 
 def _flat_order(segments: list[_Segment]) -> list[_Segment]:
