@@ -4,7 +4,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from tether.config import ConfigError, describe, load_config, opt, save_config
+from tether.config import ConfigError, above, at_least, between, describe, load_config, one_of, opt, save_config
 
 
 @dataclass
@@ -70,3 +70,45 @@ def test_save_round_trip_and_describe(tmp_path):
     assert load_config(ToyConfig, tmp_path / "config.yaml") == cfg
     text = describe(ToyConfig)
     assert "steps=10  (int)  steps" in text and "lr=0.001  (float)  learning rate" in text
+
+
+@dataclass
+class RangedConfig:
+    lr: float = opt(1e-3, "learning rate", check=above(0))
+    steps: int = opt(10, "steps", check=at_least(1))
+    share: float = opt(0.1, "share held out", check=between(0, 1, high_open=True))
+    mode: str = opt("a", "a mode", check=one_of("a", "b"))
+    ns: list[int] = opt([1, 2], "n values", check=at_least(1))
+    cap: float | None = opt(None, "optional", check=above(0))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("lr=0", "key 'lr' must be > 0, got 0.0"),
+    ("lr=-1e-4", "key 'lr' must be > 0"),
+    ("lr=nan", "key 'lr' must be a finite number, got nan"),
+    ("lr=inf", "key 'lr' must be a finite number, got inf"),
+    ("steps=0", "key 'steps' must be >= 1, got 0"),
+    ("share=1", "key 'share' must be in [0, 1), got 1.0"),
+    ("share=-0.5", "key 'share' must be in [0, 1)"),
+    ("mode=c", "key 'mode' must be one of a | b, got 'c'"),
+    ("ns=1,0", "key 'ns' must be >= 1, got 0"),
+])
+def test_values_outside_their_range_name_the_key_and_the_range(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(RangedConfig, None, [override])
+    assert message in str(e.value)
+
+
+def test_ranges_accept_the_edges_and_none_and_show_in_help():
+    cfg = load_config(RangedConfig, None, ["share=0", "steps=1", "mode=b", "cap=none"])
+    assert (cfg.share, cfg.steps, cfg.mode, cfg.cap) == (0.0, 1, "b", None)
+    text = describe(RangedConfig)
+    assert "(float [> 0])" in text and "[in [0, 1)]" in text and "[one of a | b]" in text
+
+
+@pytest.mark.parametrize("content, message", [(b"\xff\xfe\x00binary", "not a text file"), (None, "is a directory")])
+def test_unreadable_config_files_are_one_line_errors(tmp_path, content, message):
+    path = tmp_path / "c.yaml"
+    path.mkdir() if content is None else path.write_bytes(content)
+    with pytest.raises(ConfigError, match=message):
+        load_config(RangedConfig, path)

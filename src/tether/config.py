@@ -2,14 +2,19 @@
 
     cfg = load_config(SFTConfig, "sft.yaml", ["lr=3e-5", "lora_r=8"])
 
-Every field is declared with `opt(default, "one-line help")`; the help becomes `tether <command> --help`.
-Unknown keys and values of the wrong type are errors that name the key (and the file when it came from one).
+Every field is declared with `opt(default, "one-line help", check=...)`; the help and the allowed range become
+`tether <command> --help`. Unknown keys, values of the wrong type and values outside their range are errors that name
+the key (and the file when it came from one). Every float must be finite.
+
+    lr: float = opt(1e-4, "peak learning rate", check=above(0))
+    lr_schedule: str = opt("linear", "schedule", check=one_of("constant", "linear", "cosine"))
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from pathlib import Path
@@ -22,11 +27,55 @@ class ConfigError(ValueError):
     """A config key that does not exist, or a value that does not fit its field."""
 
 
-def opt(default: Any, help: str, derived: bool = False) -> Any:
-    """A config field with a default and a one-line help text (`derived` fields are filled by the recipe)."""
+@dataclasses.dataclass(frozen=True)
+class Check:
+    """The values a field allows: `ok(value)` and a phrase for messages and `--help` ("> 0", "in [0, 1)")."""
+
+    ok: Any
+    text: str
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def above(low: float) -> Check:
+    return Check(lambda v: v > low, f"> {low:g}")
+
+
+def at_least(low: float) -> Check:
+    return Check(lambda v: v >= low, f">= {low:g}")
+
+
+def between(low: float, high: float, high_open: bool = False) -> Check:
+    """low <= v <= high (v < high with `high_open`)."""
+    return Check(lambda v: low <= v and (v < high if high_open else v <= high),
+                 f"in [{low:g}, {high:g}{')' if high_open else ']'}")
+
+
+def one_of(*choices: str) -> Check:
+    return Check(lambda v: v in choices, "one of " + " | ".join(choices))
+
+
+def opt(default: Any, help: str, derived: bool = False, check: Check | None = None) -> Any:
+    """A config field with a default, a one-line help text and the values it allows (`derived` fields are filled
+    by the recipe). A list field's check applies to each item."""
+    metadata = {"help": help, "derived": derived, "check": check}
     if isinstance(default, (list, dict)):
-        return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"help": help})
-    return dataclasses.field(default=default, metadata={"help": help, "derived": derived})
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def check_ranges(cfg) -> None:
+    """ConfigError naming the first field whose value is outside its declared check, or a float that is not finite."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        items = value if isinstance(value, list) else [value]
+        for item in items:
+            if isinstance(item, float) and not math.isfinite(item):
+                raise ConfigError(f"key '{f.name}' must be a finite number, got {item!r}")
+            check = f.metadata.get("check")
+            if check is not None and item is not None and not check.ok(item):
+                raise ConfigError(f"key '{f.name}' must be {check}, got {item!r}")
 
 
 def _field_types(cls) -> dict[str, Any]:
@@ -111,6 +160,12 @@ def load_config(cls, path: str | Path | None = None, overrides: list[str] | dict
             loaded = yaml.safe_load(Path(path).read_text()) or {}
         except FileNotFoundError:
             raise ConfigError(f"config file not found: {path}") from None
+        except IsADirectoryError:
+            raise ConfigError(f"{path}: is a directory, not a YAML config file") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not a text file (invalid UTF-8 at byte {e.start})") from None
+        except PermissionError:
+            raise ConfigError(f"{path}: not readable (permission denied)") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
         if not isinstance(loaded, dict):
@@ -128,9 +183,10 @@ def load_config(cls, path: str | Path | None = None, overrides: list[str] | dict
             value = raw  # keep strings verbatim: "1e-3" stays a string for str fields
         values[key] = _coerce(value, types_[key], key, "")
     cfg = cls(**values)
-    check = getattr(cfg, "validate", None)
-    if check:
-        check()
+    check_ranges(cfg)
+    validate = getattr(cfg, "validate", None)
+    if validate:
+        validate()
     return cfg
 
 
@@ -149,5 +205,7 @@ def describe(cls) -> str:
     for f in dataclasses.fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         tp = getattr(types_[f.name], "__name__", str(types_[f.name]).replace("typing.", ""))
-        lines.append(f"  {f.name}={default!r}  ({tp})  {f.metadata.get('help', '')}")
+        check = f.metadata.get("check")
+        allowed = f" [{check}]" if check is not None else ""
+        lines.append(f"  {f.name}={default!r}  ({tp}{allowed})  {f.metadata.get('help', '')}")
     return "\n".join(lines)
