@@ -129,3 +129,32 @@ def test_bon_sft_rounds_fine_tune_on_the_winners(tiny):
     assert any(not torch.equal(a, b) for a, b in zip(start.parameters(), end.parameters()))
     assert (tiny / "bon" / "round-0" / "winners.jsonl").exists() and summary["winners_per_round"][0] > 0
     assert math.isfinite(summary["gold_reward_end"]) and math.isfinite(summary["kl_end"])
+
+
+def test_bon_resumes_an_interrupted_run_without_redrawing(tiny, monkeypatch):
+    """Kill in round 1's fine-tuning; resume=true keeps the table's samples and round 0, and ends where an
+    uninterrupted run ends. Without resume or overwrite, the directory is refused."""
+    from tether.config import ConfigError
+    from tether.recipes import sft
+
+    kw = {"sft": True, "rounds": 2, "n_train_prompts": 4, "sft_max_steps": 2, "sft_batch_size": 2, "sft_lr": 1e-2}
+    whole = bon(tiny, out=str(tiny / "whole"), **kw)
+    real, rounds = sft.run, []
+
+    def killed_in_round_1(cfg):
+        rounds.append(cfg.out)
+        if len(rounds) == 2:
+            raise KeyboardInterrupt("simulated interruption")
+        return real(cfg)
+
+    monkeypatch.setattr(sft, "run", killed_in_round_1)
+    with pytest.raises(KeyboardInterrupt):
+        bon(tiny, **kw)
+    monkeypatch.setattr(sft, "run", real)
+    with pytest.raises(ConfigError, match="holds an earlier run"):
+        bon(tiny, **kw)
+    samples_before = (tiny / "bon" / "samples.jsonl").read_text()
+    resumed = bon(tiny, resume=True, **kw)
+    assert (tiny / "bon" / "samples.jsonl").read_text() == samples_before  # the table was not redrawn
+    for key in ("gold_bon_at_n", "proxy_bon_at_n", "winners_per_round", "gold_reward_end", "kl_end"):
+        assert resumed[key] == pytest.approx(whole[key]), key

@@ -158,6 +158,72 @@ def test_skip_invalid_reports_lines_and_warns(tmp_path, caplog):
         D.load_records(write_lines(tmp_path / "q.jsonl", ["{oops", bad_weight]), "pairs", skip_invalid=True)
 
 
+PAIR_HEAD = '{"prompt": "p", "chosen": "a", "rejected": "b"'
+# (kind, offending line, its exact message after "<path>:2: "): lines that gave a traceback or passed bad values
+HOSTILE_CASES = [
+    ("pairs", PAIR_HEAD + ', "margin": ' + "1" * 5000 + "}", "invalid JSON: an integer of more than 4300 digits"),
+    ("pairs", "[" * 100000 + "]" * 100000, "invalid JSON: nested more than 100 levels deep"),  # RecursionError
+    ("pairs", PAIR_HEAD + ', "meta": ' + "[" * 150 + "]" * 150 + "}", "invalid JSON: nested more than 100 levels deep"),
+    ("pairs", '{"prompt": "p\\ud800", "chosen": "a", "rejected": "b"}',
+     "field 'prompt': contains a lone surrogate (\\ud800) at character 1, not valid Unicode"),
+    ("pairs", '{"messages": [{"role": "user", "content": "h\\u00e9 \\udc00"}], "chosen": "a", "rejected": "b"}',
+     "field 'messages[0].content': contains a lone surrogate (\\udc00) at character 3, not valid Unicode"),
+    ("rankings", '{"prompt": "p", "completions": ["a", "\\udbff"], "ranking": [1, 0]}',
+     "field 'completions[1]': contains a lone surrogate (\\udbff) at character 0, not valid Unicode"),
+    ("pairs", PAIR_HEAD + ', "margin": 1e308}', "field 'margin': must be a number with |margin| <= 1e4, got 1e+308"),
+    ("pairs", PAIR_HEAD + ', "margin": -10000.5}', "field 'margin': must be a number with |margin| <= 1e4, got -10000.5"),
+    ("pairs", PAIR_HEAD + ', "margin": 1' + "0" * 400 + "}",  # an int too big for math.isfinite (OverflowError)
+     "field 'margin': must be a number with |margin| <= 1e4, got 1" + "0" * 36 + "..."),
+    ("pairs", PAIR_HEAD + ', "weight": 1e308}', "field 'weight': must be a number with 0 < weight <= 1e4, got 1e+308"),
+    ("verifiable", '{"prompt": "p", "tests": "def ("}', "field 'tests': not valid Python: invalid syntax (line 1)"),
+    ("verifiable", '{"prompt": "p", "tests": ["assert f(1) == 2", "x = 1\\n  y = 2"]}',
+     "field 'tests[1]': not valid Python: unexpected indent (line 2)"),
+    ("verifiable", '{"prompt": "p", "tests": "return 1"}',  # parses, but does not compile
+     "field 'tests': not valid Python: 'return' outside function (line 1)"),
+    ("verifiable", '{"prompt": "p", "tests": ["' + "+1" * 100000 + '"]}',
+     "field 'tests[0]': not valid Python: nested too deeply to compile"),
+    ("verifiable", '{"prompt": "p", "tests": "# todo"}', "field 'tests': has no statements to run (only comments)"),
+]
+
+
+@pytest.mark.parametrize("kind,bad,message", HOSTILE_CASES)
+def test_hostile_lines_give_one_line_errors_and_are_skipped(tmp_path, kind, bad, message):
+    good = {"pairs": GOOD_PAIR, "rankings": '{"prompt": "p", "completions": ["a", "b"], "ranking": [1, 0]}',
+            "verifiable": '{"prompt": "p", "tests": "assert 1 + 1 == 2"}'}[kind]
+    path = write_lines(tmp_path / "data.jsonl", [good, bad, good])
+    with pytest.raises(D.DataError) as info:
+        D.load_records(path, kind)
+    assert str(info.value) == f"{path}:2: {message}" and info.value.line == 2
+    records = D.load_records(path, kind, skip_invalid=True)
+    assert len(records) == 2 and records.skipped == [(2, f"{path}:2: {message}")]
+
+
+def test_bounds_and_checks_pass_what_is_valid(tmp_path):
+    for margin, weight in ((1e4, 1e4), (-1e4, 1e-9), (10000, 1)):
+        D.validate_record({"prompt": "p", "chosen": "a", "rejected": "b", "margin": margin, "weight": weight}, "pairs")
+    # brackets inside strings are not nesting; a surrogate pair written in JSON is one valid character; tests are
+    # compiled, never run (this one would end the test)
+    lines = [PAIR_HEAD + ', "meta": "' + "[{" * 500 + '"}', '{"prompt": "\\ud83d\\ude00", "chosen": "a", "rejected": "b"}',
+             PAIR_HEAD + ', "meta": ' + "[" * 99 + "]" * 99 + "}"]  # 100 levels with the object
+    assert len(D.load_records(write_lines(tmp_path / "ok.jsonl", lines), "pairs")) == 3
+    D.validate_record({"prompt": "p", "tests": "raise SystemExit(3)"}, "verifiable")
+    D.validate_record({"prompt": "p", "tests": ["# a list item is one test, comments alone pass"]}, "verifiable")
+
+
+def test_validation_never_raises_recursion_or_overflow_in_memory():
+    deep = 0
+    for _ in range(100000):
+        deep = [deep]
+    with pytest.raises(D.DataError) as info:
+        D.validate_record({"prompt": "p", "steps": ["a"], "labels": [deep]}, "steps")
+    assert str(info.value) == "<memory>: field 'labels[0]': must be 0, 1, true or false, got list"
+    with pytest.raises(D.DataError, match=r"field 'weight': must be a number with 0 < weight <= 1e4, got an integer of about 5000 digits$"):
+        D.validate_record({"prompt": "p", "chosen": "a", "rejected": "b", "weight": 10**5000}, "pairs")
+    with pytest.raises(D.DataError, match=r"field 'weight': must be a number > 0, got list$"):
+        D.validate_record({"prompt": "p", "chosen": "a", "rejected": "b", "weight": deep}, "pairs")
+    assert D.validate_record({"prompt": "p", "answer": 10**400}, "verifiable")  # a long int answer is finite
+
+
 # --- readers ------------------------------------------------------------------------------------------------------------
 RECORDS = [
     {"prompt": "the film", "chosen": "was good", "rejected": "was bad", "margin": 1.5, "rater": "r1"},

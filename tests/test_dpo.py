@@ -38,18 +38,38 @@ def test_dpo_starts_at_ln2_and_learns(setup):
     lines = metrics(setup)
     assert lines[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)  # policy == reference at step 0
     assert lines[-1]["loss"] < lines[0]["loss"] and lines[-1]["rewards/accuracies"] == 1.0
-    assert (setup / "run" / "reference_logps.pt").exists() and (setup / "run" / "model" / "config.json").exists()
+    assert len(list((setup / "run").glob("reference_logps-*.pt"))) == 1 and (setup / "run" / "model" / "config.json").exists()
 
 
 def test_reference_logps_are_cached_and_reused(setup, monkeypatch):
     run(setup, max_steps=2, save_every=1)
-    cached = torch.load(setup / "run" / "reference_logps.pt")
+    cached = torch.load(next((setup / "run").glob("reference_logps-*.pt")))
     assert cached.shape == (16, 2) and (cached[:, 0] != cached[:, 1]).all()
     calls = []
     original = R.sequence_logps
     monkeypatch.setattr(R, "sequence_logps", lambda *a, **k: calls.append(1) or original(*a, **k))
-    run(setup, max_steps=3, save_every=1, resume=True)  # resume: cache reused, only the training forward runs
+    run(setup, max_steps=3, save_every=1, resume=True, resume_changed="max_steps")  # cache reused: one forward
     assert len(calls) == 1
+
+
+def test_the_reference_cache_belongs_to_its_pairs_and_survives_a_torn_write(setup):
+    run(setup, max_steps=2, save_every=1)
+    swapped = setup / "swapped.jsonl"
+    rows = [json.loads(x) for x in (setup / "pairs.jsonl").read_text().splitlines()]
+    swapped.write_text("".join(json.dumps({**r, "chosen": r["rejected"], "rejected": r["chosen"]}) + "\n" for r in rows))
+    (setup / "run" / "checkpoints" / "step-0000002").rename(setup / "run" / "checkpoints" / ".gone")
+    run(setup, max_steps=2, save_every=1, resume=True, data=str(swapped), resume_changed="data")
+    assert len(list((setup / "run").glob("reference_logps-*.pt"))) == 2  # the swapped pairs got their own cache
+    first = metrics(setup)
+    assert first[1]["loss"] > 0  # step 1 trained on the swapped pairs with their own reference
+    for cache in (setup / "run").glob("reference_logps-*.pt"):
+        cache.write_bytes(b"")  # a kill during its write used to leave this, and every later run died of EOFError
+    (setup / "run" / "checkpoints" / "step-0000002").rename(setup / "run" / "checkpoints" / ".gone-too")
+    again = run(setup, max_steps=2, resume=True, data=str(swapped), resume_changed="data")  # step 1 again
+    assert math.isfinite(again["train_loss"]) and metrics(setup)[1]["loss"] == pytest.approx(first[1]["loss"])
+    fresh = run(setup, out=str(setup / "fresh"), max_steps=1, data=str(swapped))
+    assert metrics(setup, "fresh")[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)  # ln 2, not a stale cache's
+    assert math.isfinite(fresh["train_loss"])
 
 
 @pytest.mark.parametrize("loss", ["simpo", "orpo"])

@@ -49,7 +49,9 @@ def test_rater_labels_by_click_and_key_undoes_one_and_nothing_runs(served):
             page = browser.new_page()
             errors = []
             page.on("pageerror", lambda e: errors.append(str(e)))
-            page.goto(link)
+            page.goto(link)  # the link shows a sign-in form; its same-origin POST sets the session
+            page.click("#sign-in")
+            page.wait_for_url("**/label")
             expected = {}
 
             first = shown(page)  # 1: by click on "A is better"

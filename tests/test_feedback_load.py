@@ -192,3 +192,23 @@ def test_server_killed_mid_run_keeps_every_confirmed_choice(setup):
         assert {r["id"] for r in rows} == stored | {label_id} and len(rows) == len(stored) + 1
     finally:
         stop(proc)
+
+
+@pytest.mark.parametrize("bad,message", [
+    ("[" * 100000 + "]" * 100000, "invalid JSON: nested more than 100 levels deep"),
+    ('{"prompt": "p", "responses": ["a", "' + "9" * 5000 + '"], "x": ' + "9" * 5000 + "}",
+     "invalid JSON: an integer of more than 4300 digits"),
+    ('{"prompt": "p\\ud800", "responses": ["a", "b"]}',
+     "field 'prompt': contains a lone surrogate (\\ud800) at character 1, not valid Unicode"),
+    ('{"prompt": "p", "responses": ["a", "b\\udfff"]}',
+     "field 'responses[1]': contains a lone surrogate (\\udfff) at character 1, not valid Unicode"),
+    ('{"prompt": "p", "responses": ["a", "b"], "critiques": ["\\ud800", "ok"]}',
+     "field 'critiques[0]': contains a lone surrogate (\\ud800) at character 0, not valid Unicode"),
+])
+def test_candidates_file_hostile_lines_give_one_line_errors(tmp_path, bad, message):
+    """`tether label serve --candidates` reads through data.read_rows: the data layer's one-line errors."""
+    path = tmp_path / "cand.jsonl"
+    path.write_text(json.dumps({"prompt": "p", "responses": ["", "b"]}) + "\n" + bad + "\n")
+    with pytest.raises(ValueError) as info:
+        read_candidates(path)
+    assert type(info.value).__name__ == "DataError" and str(info.value) == f"{path}:2: {message}"

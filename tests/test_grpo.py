@@ -111,3 +111,34 @@ def test_two_processes_draw_disjoint_prompts(setup):
         mine = [sorted(set(calls[r][step])) for r in (0, 1)]  # a rank's rows: its prompts, G times each
         assert len(mine[0]) == len(mine[1]) == 2 and not set(mine[0]) & set(mine[1])
         assert sorted(mine[0] + mine[1]) == sorted(pool[i] for i in step_indices(step, 4, len(pool), cfg.seed))
+
+
+def test_interrupted_and_resumed_run_matches_the_uninterrupted_one(setup, monkeypatch):
+    """Kill during step 2 of 4, resume: the same metrics, and accuracy_start is the starting policy's, not the
+    checkpoint's (it used to be measured again on the resumed policy)."""
+    import json
+
+    kw = {"beta": 0.04, "max_steps": 4, "save_every": 2, "task": "arithmetic", "rewards": LENGTH_REWARD,
+          "n_eval_prompts": 8}
+    whole = G.run(cfg_for(setup, out=str(setup / "whole"), **kw))
+    real, calls = G.grpo_update, []
+
+    def crash_in_step_2(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt("simulated interruption")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(G, "grpo_update", crash_in_step_2)
+    with pytest.raises(KeyboardInterrupt):
+        G.run(cfg_for(setup, out=str(setup / "split"), **kw))
+    monkeypatch.setattr(G, "grpo_update", real)
+    accuracy, measured = G.greedy_accuracy, []
+    monkeypatch.setattr(G, "greedy_accuracy", lambda *a, **k: measured.append(1) or accuracy(*a, **k))
+    split = G.run(cfg_for(setup, out=str(setup / "split"), resume=True, **kw))
+    assert len(measured) == 1  # the end accuracy only: the start's came from the checkpoint
+    read = lambda name: [json.loads(x) for x in (setup / name / "metrics.jsonl").read_text().splitlines()]  # noqa
+    for a, b in zip(read("whole"), read("split"), strict=True):
+        for key in a.keys() - {"tokens_per_second"}:
+            assert a[key] == pytest.approx(b[key], abs=1e-6), (a["step"], key)
+    assert split["accuracy_start"] == whole["accuracy_start"] and split["accuracy_end"] == whole["accuracy_end"]

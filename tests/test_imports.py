@@ -94,12 +94,12 @@ def test_a_recipe_offers_only_keys_it_reads(module_name):
     import inspect
     import re
 
-    from tether import engine, losses, models
+    from tether import engine, losses, models, rundir
     from tether.cli import COMMANDS
 
     module = importlib.import_module(module_name)
     cls = next(getattr(module, c) for m, c in COMMANDS.values() if m == module_name)
-    source = "".join(inspect.getsource(m) for m in (module, engine, models, losses))
+    source = "".join(inspect.getsource(m) for m in (module, engine, models, losses, rundir))
     if module_name == "tether.recipes.online_dpo":
         source += inspect.getsource(importlib.import_module("tether.recipes.dpo"))
     unread = [f.name for f in dataclasses.fields(cls)

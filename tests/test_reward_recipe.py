@@ -329,3 +329,28 @@ def test_two_processes_equal_one_with_record_weights(files, tmp_path):
     lines = [(tmp_path / name / "metrics.jsonl").read_text().splitlines() for name in ("ddp", "one")]
     assert [json.loads(x)["loss"] for x in lines[0]] == pytest.approx([json.loads(x)["loss"] for x in lines[1]],
                                                                       abs=1e-5)
+
+
+def test_interrupted_and_resumed_rm_matches_the_uninterrupted_one(files, tmp_path, monkeypatch):
+    """Kill during step 3 of 4 (after its checkpoint at 2), resume: the same losses, the same saved model's scores."""
+    from tether.engine import Engine
+
+    common = ("max_steps=4", "save_every=2", "batch_size=8", "lr=1e-3")
+    whole = run(rm_config(files, f"out={tmp_path / 'whole'}", *common))
+    real, steps = Engine.optimizer_step, []
+
+    def killed_in_step_3(self, *a, **k):
+        steps.append(1)
+        if len(steps) == 3:
+            raise KeyboardInterrupt("simulated interruption")
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(Engine, "optimizer_step", killed_in_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        run(rm_config(files, f"out={tmp_path / 'split'}", *common))
+    monkeypatch.setattr(Engine, "optimizer_step", real)
+    split = run(rm_config(files, f"out={tmp_path / 'split'}", "resume=true", *common))
+    read = lambda name: [json.loads(x)["loss"] for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    assert read("split") == pytest.approx(read("whole"), abs=1e-6) and len(read("split")) == 4
+    for key in ("eval_accuracy", "eval_loss", "reward_bias"):
+        assert split[key] == pytest.approx(whole[key], abs=1e-6), key

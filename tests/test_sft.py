@@ -91,10 +91,10 @@ def test_lora_trains_adapters_and_saves_merged_model(workdir, tmp_path):
 
 
 def test_nan_stops_with_step(workdir, tmp_path):
-    from tether.engine import NonFiniteLossError
+    from tether.engine import NonFiniteError
 
     # an absurd learning rate blows the weights up, so a later step's loss is inf/NaN
-    with pytest.raises(NonFiniteLossError, match=r"at step \d+") as err:
+    with pytest.raises(NonFiniteError, match=r"at step \d+") as err:
         sft(workdir, tmp_path / "nan", max_steps=5, batch_size=4, lr=1e30, max_grad_norm=0.0)
     bad_step = int(str(err.value).split("at step ")[1].split(";")[0])
     logged = losses(tmp_path / "nan")

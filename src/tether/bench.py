@@ -16,17 +16,18 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from tether.config import ConfigError, opt
+from tether.config import ConfigError, at_least, one_of, opt
 
 SCRIPTS = {"vs_trl": "vs_trl.py", "gpu": "gpu.py"}
 
 
 @dataclass
 class BenchConfig:
-    suite: str = opt("vs_trl", "vs_trl (tether vs TRL, CPU) | gpu (generation/GRPO/DPO figures on a GPU)")
+    suite: str = opt("vs_trl", "vs_trl (tether vs TRL, CPU) | gpu (generation/GRPO/DPO figures on a GPU)",
+                     check=one_of(*sorted(SCRIPTS)))
     stages: str = opt("", "vs_trl: comma list of sft, reward, dpo, grpo (default all); gpu: generate, grpo, dpo")
-    repeats: int = opt(0, "runs per measurement, median reported (0 = the script's default)")
-    threads: int = opt(0, "vs_trl: torch threads (0 = torch's default)")
+    repeats: int = opt(0, "runs per measurement, median reported (0 = the script's default)", check=at_least(0))
+    threads: int = opt(0, "vs_trl: torch threads (0 = torch's default)", check=at_least(0))
     smoke: bool = opt(False, "tiny model and shapes: seconds, checks that the scripts run")
     append: bool = opt(True, "append the table to benchmarks/RESULTS.md (never with smoke)")
     benchmarks_dir: str = opt("", "folder holding the scripts (default: benchmarks/ of the source checkout)")

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import logging
 import sys
 
 from tether.config import ConfigError, describe, load_config
 from tether.data import DataError
+from tether.engine import NonFiniteError
+from tether.runfiles import strict_json
 
 # command words -> (module, config class). Longest match wins, so "rm eval" beats "rm".
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -129,8 +130,14 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, FileNotFoundError) as e:
         print(f"tether {command}: {e}", file=sys.stderr)
         return 2
+    except NonFiniteError as e:  # the run stopped itself; what it kept is named in the message
+        print(f"tether {command}: stopped: {e}", file=sys.stderr)
+        return 3
+    except OSError as e:  # a read-only or full disk, a permission: one line, not a traceback
+        print(f"tether {command}: cannot write {e.filename or 'a file'}: {e.strerror or e}", file=sys.stderr)
+        return 2
     if isinstance(summary, dict):
-        print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, (list, dict))}, indent=2))
+        print(strict_json({k: v for k, v in summary.items() if not isinstance(v, (list, dict))}, indent=2))
     return 0
 
 

@@ -195,7 +195,9 @@ def config_to_dict(cfg) -> dict[str, Any]:
 
 
 def save_config(cfg, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    from tether.runfiles import write_atomic
+
+    write_atomic(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
 
 def describe(cls) -> str:

@@ -25,7 +25,9 @@ scheduler and RNG states and recomputes the data stream, so an interrupted run c
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
 import shutil
 import time
 from contextlib import nullcontext
@@ -37,7 +39,11 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
-from tether.config import ConfigError, opt, save_config
+from tether import rundir
+from tether.config import ConfigError, above, at_least, between, one_of, opt
+from tether.runfiles import strict_json, write_atomic
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -51,72 +57,64 @@ class Fields:
 
 @dataclass
 class RunFields(Fields):
-    out: str = opt("", "run directory (default runs/<command>-<timestamp>)")
-    seed: int = opt(0, "random seed; process r uses seed + r*100003")
+    out: str = opt("", "run directory (default runs/<command>-<timestamp>); one run per directory (README)")
+    seed: int = opt(0, "random seed; process r uses seed + r*100003", check=at_least(0))
     progress: bool = opt(True, "show a progress bar")
 
 
 @dataclass
 class OptimizerFields(Fields):
-    lr: float = opt(1e-4, "peak learning rate (AdamW)")
-    weight_decay: float = opt(0.0, "AdamW weight decay")
-    adam_eps: float = opt(1e-8, "AdamW epsilon (N+ PPO uses 1e-5)")
-    lr_schedule: str = opt("linear", "learning-rate schedule after warmup: constant | linear | cosine")
-    warmup_steps: int = opt(0, "linear warmup steps")
-    min_lr_ratio: float = opt(0.0, "final lr as a fraction of the peak (InstructGPT RM: cosine to 0.1)")
-    max_grad_norm: float = opt(1.0, "gradient clipping by global norm (0 = off)")
-
-    def validate(self) -> None:
-        super().validate()
-        if self.lr_schedule not in SCHEDULES:
-            raise ConfigError(f"key 'lr_schedule' must be one of {sorted(SCHEDULES)}, got {self.lr_schedule!r}")
+    lr: float = opt(1e-4, "peak learning rate (AdamW)", check=above(0))
+    weight_decay: float = opt(0.0, "AdamW weight decay", check=at_least(0))
+    adam_eps: float = opt(1e-8, "AdamW epsilon (N+ PPO uses 1e-5)", check=above(0))
+    lr_schedule: str = opt("linear", "learning-rate schedule after warmup", check=one_of("constant", "linear", "cosine"))
+    warmup_steps: int = opt(0, "linear warmup steps", check=at_least(0))
+    min_lr_ratio: float = opt(0.0, "final lr as a fraction of the peak (InstructGPT RM: cosine to 0.1)",
+                              check=between(0, 1))
+    max_grad_norm: float = opt(1.0, "gradient clipping by global norm (0 = off)", check=at_least(0))
+    guard_updates: bool = opt(True, "check the gradient norm and the updated weights every step, keeping a copy of "
+                                    "the trainable weights to roll a non-finite step back (memory: one such copy)")
 
 
 @dataclass
 class BatchFields(Fields):
     """Steps over a data set: `batch_size` examples per micro-batch, `grad_accum` micro-batches per step."""
 
-    batch_size: int = opt(8, "micro-batch size per process")
-    grad_accum: int = opt(1, "micro-batches accumulated per optimizer step")
-    epochs: float = opt(1.0, "passes over the training data (ignored when max_steps > 0)")
-    max_steps: int = opt(0, "optimizer steps to run (0 = from epochs)")
-
-    def validate(self) -> None:
-        super().validate()
-        for key in ("batch_size", "grad_accum"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"key '{key}' must be >= 1, got {getattr(self, key)}")
+    batch_size: int = opt(8, "micro-batch size per process", check=at_least(1))
+    grad_accum: int = opt(1, "micro-batches accumulated per optimizer step", check=at_least(1))
+    epochs: float = opt(1.0, "passes over the training data (ignored when max_steps > 0)", check=above(0))
+    max_steps: int = opt(0, "optimizer steps to run (0 = from epochs)", check=at_least(0))
 
 
 @dataclass
 class CheckpointFields(Fields):
-    log_every: int = opt(1, "log metrics every N steps")
-    save_every: int = opt(0, "checkpoint every N steps (0 = only at the end)")
-    keep_checkpoints: int = opt(2, "how many recent checkpoints to keep")
-    resume: bool = opt(False, "continue from the last checkpoint in `out`")
+    log_every: int = opt(1, "log metrics every N steps", check=at_least(1))
+    save_every: int = opt(0, "checkpoint every N steps (0 = only at the end)", check=at_least(0))
+    keep_checkpoints: int = opt(2, "how many recent checkpoints to keep (the newest always)", check=at_least(1))
+    resume: bool = opt(False, "continue the run in `out` from its newest complete checkpoint (same settings only)")
+    resume_changed: list[str] = opt([], "resume: keys whose new value is accepted though the run used another")
+    overwrite: bool = opt(False, "replace the earlier run in `out` (its files are deleted first)")
 
     def validate(self) -> None:
         super().validate()
         if self.resume and not getattr(self, "out", ""):
             raise ConfigError("key 'resume' needs out=DIR naming the run to continue")
+        if self.resume and self.overwrite:
+            raise ConfigError("keys 'resume' and 'overwrite' exclude each other: continue the run or replace it")
 
 
 @dataclass
 class ModelFields(Fields):
-    mixed_precision: str = opt("auto", "no | bf16 | fp16 | auto (bf16 on a GPU that supports it, else no)")
+    mixed_precision: str = opt("auto", "bf16 on a GPU that supports it with auto, else no",
+                               check=one_of("no", "bf16", "fp16", "auto"))
     gradient_checkpointing: bool = opt(False, "recompute activations in the backward pass to save memory")
     padding_free: bool = opt(True, "bin-pack each micro-batch's rows into fewer rows and store a prompt shared by "
                                    "several rows once, so no forward is spent on pads (same loss: packing.py)")
-    lora_r: int = opt(0, "LoRA rank (0 = full fine-tuning)")
-    lora_alpha: float = opt(16.0, "LoRA alpha")
-    lora_dropout: float = opt(0.0, "LoRA dropout")
+    lora_r: int = opt(0, "LoRA rank (0 = full fine-tuning)", check=at_least(0))
+    lora_alpha: float = opt(16.0, "LoRA alpha", check=above(0))
+    lora_dropout: float = opt(0.0, "LoRA dropout", check=between(0, 1, high_open=True))
     lora_target_modules: str = opt("all-linear", "LoRA target modules: all-linear or a comma list of names")
     merge_lora: bool = opt(True, "merge LoRA adapters into the saved model")
-
-    def validate(self) -> None:
-        super().validate()
-        if self.mixed_precision not in ("no", "bf16", "fp16", "auto"):
-            raise ConfigError(f"key 'mixed_precision' must be no | bf16 | fp16 | auto, got {self.mixed_precision!r}")
 
 
 @dataclass
@@ -125,8 +123,9 @@ class TrainConfig(ModelFields, CheckpointFields, BatchFields, OptimizerFields, R
     rollouts and compose the groups without `BatchFields` (they have no `grad_accum`)."""
 
 
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or inf; the run stopped after saving the last good state."""
+class NonFiniteError(RuntimeError):
+    """The loss, the gradient norm or an updated weight became NaN or inf; the run stopped after saving the last
+    good weights."""
 
 
 # --- learning-rate schedules: multiplier of the peak lr at `step` --------------------------------------------------
@@ -174,8 +173,8 @@ class MetricsLogger:
     def __init__(self, run_dir: Path, resume_step: int | None = None):
         self.path = run_dir / "metrics.jsonl"
         if resume_step is not None and self.path.exists():  # drop lines past the checkpoint: same file as uninterrupted
-            kept = [ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln)["step"] < resume_step]
-            self.path.write_text("".join(ln + "\n" for ln in kept))
+            kept = [ln for ln in self.path.read_text().splitlines() if _step_of(ln) < resume_step]
+            write_atomic(self.path, "".join(ln + "\n" for ln in kept))
         self.file = self.path.open("a")
         try:
             from torch.utils.tensorboard import SummaryWriter
@@ -185,7 +184,7 @@ class MetricsLogger:
             self.tb = None
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
-        self.file.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.file.write(strict_json({"step": step, **metrics}) + "\n")
         self.file.flush()
         if self.tb is not None:
             for key, value in metrics.items():
@@ -196,6 +195,14 @@ class MetricsLogger:
         self.file.close()
         if self.tb is not None:
             self.tb.close()
+
+
+def _step_of(line: str) -> float:
+    """The step of a metrics.jsonl line; a torn last line (a kill mid-write) counts as past every checkpoint."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 def _to_float(value: Any) -> Any:
@@ -234,9 +241,19 @@ class Engine:
         self._t0, self._tokens, self._window = time.time(), 0, (time.time(), 0)
         self._progress = None
         self.logger: MetricsLogger | None = None
-        if self.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.run_dir / "config.yaml")
+        self._lock, self.accepted_changes, self._snapshot = None, [], None
+        refused = [None]
+        if self.is_main:  # one writer per directory, one run per directory (rundir.py)
+            try:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                self._lock = rundir.hold(self.run_dir, command)
+                self.accepted_changes = rundir.prepare(self.run_dir, cfg, command)
+            except rundir.RunDirError as e:
+                refused = [str(e)]
+        if self.world_size > 1:
+            broadcast_object_list(refused)  # every process stops, not only the main one
+        if refused[0] is not None:
+            raise rundir.RunDirError(refused[0])
 
     def _resolve_run_dir(self, out: str, command: str) -> Path:
         name = [out or f"runs/{command}-{time.strftime('%Y%m%d-%H%M%S')}"]
@@ -290,35 +307,74 @@ class Engine:
     # --- the step ---------------------------------------------------------------------------------------------------
     def backward(self, loss: torch.Tensor, step: int, last_micro: bool = True) -> None:
         """Backpropagate `loss` (already divided by a global count); skip DDP's all-reduce until the last micro-batch."""
-        self.check_finite(loss, step)
+        self._step = step
+        self.check_finite(loss, step, "loss")
         ctx = nullcontext() if last_micro or self.world_size == 1 else self.accelerator.no_sync(self.model)
         with ctx:
             self.accelerator.backward(loss * self.world_size)  # DDP averages over processes; the loss already sums
 
-    def check_finite(self, loss: torch.Tensor, step: int) -> None:
-        bad = torch.tensor(0.0 if torch.isfinite(loss.detach()).all() else 1.0, device=self.device)
+    def check_finite(self, value: torch.Tensor | float, step: int, what: str, rollback: bool = True) -> None:
+        """Stop the run when `value` is NaN or inf on any process. A non-finite loss or weight was made by the last
+        update, so with `rollback` the weights go back to before it; they are saved as model-last-good and
+        NonFiniteError says where (a non-finite gradient norm keeps the weights: they gave a finite loss)."""
+        value = torch.as_tensor(value, device=self.device)
+        bad = torch.tensor(0.0 if torch.isfinite(value.detach()).all() else 1.0, device=self.device)
         if self.world_size > 1:
             bad = self.accelerator.reduce(bad, reduction="sum")
         if bad.item() > 0:
-            where = self.run_dir / "model-last-good"
-            if self.model is not None:
-                self.save_model(self.model, None, where, merge=False)
-            self.finish({"error": f"non-finite loss at step {step}"})
-            raise NonFiniteLossError(
-                f"loss became {loss.detach().float().mean().item()} at step {step}; the model before this step "
-                f"is saved in {where}, checkpoints in {self.run_dir / 'checkpoints'}"
-            )
+            self._stop(step, f"the {what} became {value.detach().float().mean().item()}", rollback)
 
-    def optimizer_step(self) -> dict[str, float]:
-        """Clip gradients, step the optimizer and the schedule, zero gradients; returns grad_norm and lr."""
+    def _stop(self, step: int, what: str, rollback: bool) -> None:
+        """Roll back to the snapshot taken before the last update (that update led here), save, raise."""
+        rolled = rollback and self._snapshot is not None
+        if rolled:
+            self._restore_snapshot()
+        where = self.run_dir / "model-last-good"
+        if self.model is not None:
+            self.save_model(self.model, None, where, merge=False)
+        state = "the weights from before the last update" if rolled else "the weights at this step"
+        self.finish({"error": f"{what} at step {step}", "last_good": str(where)})
+        raise NonFiniteError(f"{what} at step {step}; {state} are saved in {where}, checkpoints in "
+                             f"{self.checkpoint_dir}")
+
+    def _trainable(self) -> list[torch.Tensor]:
+        return [p for g in self.optimizer.param_groups for p in g["params"]]
+
+    def _take_snapshot(self) -> None:
+        params = self._trainable()
+        if self._snapshot is None:
+            self._snapshot = [p.detach().clone() for p in params]
+        else:
+            torch._foreach_copy_(self._snapshot, [p.detach() for p in params])
+
+    def _restore_snapshot(self) -> None:
+        with torch.no_grad():
+            torch._foreach_copy_([p.data for p in self._trainable()], self._snapshot)
+
+    def optimizer_step(self, step: int | None = None) -> dict[str, float]:
+        """Clip gradients, step the optimizer and the schedule, zero gradients; returns grad_norm and lr.
+
+        With `guard_updates` (the default), a non-finite gradient norm stops the run before the update, and an
+        update that leaves a non-finite weight is undone (from the copy taken just before it) and stops the run."""
+        params = self._trainable()
+        guard = getattr(self.cfg, "guard_updates", False)
         grad_norm = 0.0
         if self.cfg.max_grad_norm > 0:
-            params = [p for g in self.optimizer.param_groups for p in g["params"]]
             grad_norm = float(self.accelerator.clip_grad_norm_(params, self.cfg.max_grad_norm))
+        elif guard:
+            grads = [p.grad for p in params if p.grad is not None]
+            grad_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+        at = getattr(self, "_step", 0) if step is None else step
+        if guard:
+            self.check_finite(grad_norm, at, "gradient norm", rollback=False)
+            self._take_snapshot()
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if guard:
+            finite = torch.stack([torch.isfinite(p.detach()).all() for p in params]).all()
+            self.check_finite(torch.tensor(0.0 if finite else float("nan")), at, "updated weights")
         return {"grad_norm": grad_norm, "lr": lr}
 
     def count_tokens(self, n: int) -> None:
@@ -375,28 +431,62 @@ class Engine:
             self.save_checkpoint(step + 1, extra)
 
     def save_checkpoint(self, next_step: int, extra: dict | None = None) -> Path:
-        """Model, optimizer, scheduler, registered objects, RNG states and the data position (the next step)."""
-        path = self.checkpoint_dir / f"step-{next_step:07d}"
-        self.accelerator.save_state(str(path))
-        if self.is_main:
-            (path / "tether_state.json").write_text(json.dumps({"next_step": next_step, "extra": extra or {}}))
-            done = sorted(self.checkpoint_dir.glob("step-*"))
-            for old in done[: max(0, len(done) - self.cfg.keep_checkpoints)]:
-                shutil.rmtree(old, ignore_errors=True)
+        """Model, optimizer, scheduler, registered objects, RNG states and the data position (the next step).
+
+        Written under a hidden partial name and renamed when complete (tether_state.json last), so a kill at any
+        point leaves the earlier checkpoints and never a torn one in their place; then all but the newest
+        `keep_checkpoints` complete ones are deleted."""
+        final = self.checkpoint_dir / f"step-{next_step:07d}"
+        partial = self.checkpoint_dir / f".step-{next_step:07d}.partial"
+        if self.is_main and partial.exists():
+            shutil.rmtree(partial)
         self.accelerator.wait_for_everyone()
-        return path
+        self.accelerator.save_state(str(partial))
+        self.accelerator.wait_for_everyone()
+        if self.is_main:
+            write_atomic(partial / "tether_state.json", strict_json({"next_step": next_step, "extra": extra or {}}))
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(partial, final)
+            complete = sorted(p for p in self.checkpoint_dir.glob("step-*") if p.is_dir())
+            for old in complete[: max(0, len(complete) - self.cfg.keep_checkpoints)]:
+                if old != final:
+                    shutil.rmtree(old, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+        return final
 
     def resume(self) -> tuple[int, dict]:
-        """With `resume=true`, load the newest checkpoint; returns (first step to run, extra state)."""
+        """With `resume=true`, load the newest complete checkpoint (an unreadable one is skipped for the one before
+        it); returns (first step to run, extra state). Keys accepted through `resume_changed` replace the restored
+        optimizer's values."""
         if not self.cfg.resume:
             return 0, {}
-        found = sorted(p for p in self.checkpoint_dir.glob("step-*") if (p / "tether_state.json").exists())
-        if not found:
-            raise FileNotFoundError(f"resume=true but no checkpoint in {self.checkpoint_dir}")
-        self.accelerator.load_state(str(found[-1]))
-        state = json.loads((found[-1] / "tether_state.json").read_text())
-        self.resumed_from = state["next_step"]
-        return self.resumed_from, state["extra"]
+        for path in sorted((p for p in self.checkpoint_dir.glob("step-*") if p.is_dir()), reverse=True):
+            try:
+                state = json.loads((path / "tether_state.json").read_text())
+                self.accelerator.load_state(str(path))
+            except Exception as e:  # a torn or foreign checkpoint: fall back to the one before it
+                log.warning("checkpoint %s is unreadable (%s); trying the one before it", path, e)
+                continue
+            self.resumed_from = int(state["next_step"])
+            self._apply_accepted_changes()
+            return self.resumed_from, state.get("extra") or {}
+        raise FileNotFoundError(f"resume=true but no complete checkpoint in {self.checkpoint_dir}")
+
+    def _apply_accepted_changes(self) -> None:
+        """The optimizer settings a resume accepted (`resume_changed`), over the ones the checkpoint restored."""
+        changed, cfg = set(self.accepted_changes), self.cfg
+        for group in self.optimizer.param_groups:
+            if "weight_decay" in changed:
+                group["weight_decay"] = cfg.weight_decay
+            if "adam_eps" in changed:
+                group["eps"] = cfg.adam_eps
+        if "lr" in changed:
+            sched = self.scheduler
+            sched.base_lrs = [cfg.lr for _ in sched.base_lrs]
+            for group, base, fn in zip(self.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
+                group["lr"] = base * fn(sched.last_epoch)
+            sched._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
     # --- outputs ----------------------------------------------------------------------------------------------------
     def unwrap(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -422,8 +512,20 @@ class Engine:
             self._progress.stop()
             self._progress = None
         if self.is_main:
-            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            write_atomic(self.run_dir / "summary.json", strict_json(with_undefined_noted(summary), indent=2) + "\n")
             if self.logger is not None:
                 self.logger.close()
                 self.logger = None
+            if self._lock is not None:
+                self._lock.close()  # the run is over: another may take the directory
+                self._lock = None
         return summary
+
+
+def with_undefined_noted(summary: dict) -> dict:
+    """The summary as strict JSON writes it: a figure that is NaN or inf becomes null, and `undefined` lists them
+    ("no held-out accuracy without a task", a loss of a run with no step ...) under one note."""
+    bad = [k for k, v in summary.items() if isinstance(v, float) and not math.isfinite(v)]
+    if not bad:
+        return summary
+    return {**summary, "undefined": {k: f"{summary[k]!r}: not defined for this run" for k in bad}}

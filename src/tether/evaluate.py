@@ -17,11 +17,13 @@ from pathlib import Path
 
 import torch
 
-from tether.config import ConfigError, opt
+from tether.config import ConfigError, at_least, one_of, opt
 from tether.forward import response_outputs
 from tether.generation import sample_records
 from tether.metrics import distinct_n, repetition_rate
 from tether.prompts import load_prompts, load_task
+from tether.runfiles import strict_json
+from tether.tasks import TASKS
 
 
 def _batches(items: list, size: int):
@@ -101,27 +103,30 @@ def held_out_eval(policy, tokenizer, task, records: list[dict], **settings) -> t
 def append_eval(run_dir: Path, step: int, result: dict) -> None:
     """One held-out evaluation as a line of run_dir/evals.jsonl; step 0 (the starting policy) starts the file."""
     with (Path(run_dir) / "evals.jsonl").open("w" if step == 0 else "a") as f:
-        f.write(json.dumps({"step": step, **result}) + "\n")
+        f.write(strict_json({"step": step, **result}) + "\n")
 
 
 @dataclass
 class EvalConfig:
     model: str = opt("", "model directory to evaluate (required)")
-    task: str = opt("reviews", "embedded task giving prompts and the gold reward: reviews | arithmetic | none")
+    task: str = opt("reviews", "embedded task giving prompts and the gold reward: reviews | arithmetic | none",
+                    check=one_of("", "none", *TASKS))
     prompts: str = opt("", "prompts file (default: the task's held-out prompts)")
     ref_model: str = opt("", "reference model for the sequence-level KL (empty: no KL)")
     reward: str = opt("", "reward spec scored as the proxy, e.g. rm:runs/rm (empty: none)")
-    n_prompts: int = opt(64, "held-out prompts to use")
-    n_samples: int = opt(4, "samples per prompt")
-    max_new_tokens: int = opt(48, "longest response")
-    temperature: float = opt(1.0, "sampling temperature")
-    batch_size: int = opt(64, "sampling batch size")
+    n_prompts: int = opt(64, "held-out prompts to use", check=at_least(1))
+    n_samples: int = opt(4, "samples per prompt", check=at_least(1))
+    max_new_tokens: int = opt(48, "longest response", check=at_least(1))
+    temperature: float = opt(1.0, "sampling temperature (0 = greedy; the KL to ref_model needs > 0)", check=at_least(0))
+    batch_size: int = opt(64, "sampling batch size", check=at_least(1))
     seed: int = opt(0, "random seed")
     out: str = opt("", "directory for summary.json (default: print only)")
 
     def validate(self) -> None:
         if not self.model:
             raise ConfigError("eval needs model=DIR")
+        if self.ref_model and self.temperature == 0:
+            raise ConfigError("ref_model needs temperature > 0: the KL's log-probs come from logits / temperature")
 
 
 def run(cfg: EvalConfig) -> dict:

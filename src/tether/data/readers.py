@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -35,10 +37,43 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[int, object]]:
                 continue
             if not text.strip():
                 continue
-            try:
-                yield number, json.loads(text)
-            except json.JSONDecodeError as e:
-                yield number, DataError(f"invalid JSON: {e.msg} (column {e.colno})", path, number)
+            yield number, _parse_json(text, path, number)
+
+
+MAX_JSON_DEPTH = 100  # arrays/objects nested deeper than this are refused (a record needs 3 or 4 levels)
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_BRACKET = re.compile(r"[\[\]{}]")
+
+
+def _nested_deeper_than(text: str, limit: int) -> bool:
+    """Whether valid JSON `text` nests arrays/objects more than `limit` levels (brackets in strings not counted)."""
+    if text.count("[") + text.count("{") <= limit:
+        return False
+    depth = 0
+    for bracket in _BRACKET.finditer(_JSON_STRING.sub("", text)):
+        depth += 1 if bracket.group() in "[{" else -1
+        if depth > limit:
+            return True
+    return False
+
+
+def _parse_json(text: str, path: Path, number: int):
+    """The value of one JSON line, or a DataError for it: never a JSON, int-size or recursion traceback."""
+    too_deep = f"invalid JSON: nested more than {MAX_JSON_DEPTH} levels deep"
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        return DataError(f"invalid JSON: {e.msg} (column {e.colno})", path, number)
+    except RecursionError:  # the parser recurses per level: "[" * 100000 overflows the stack
+        return DataError(too_deep, path, number)
+    except ValueError as e:  # Python's limit on int digits (CVE-2020-10735), sys.set_int_max_str_digits
+        if "Exceeds the limit" in str(e):
+            limit = getattr(sys, "get_int_max_str_digits", lambda: 4300)()
+            return DataError(f"invalid JSON: an integer of more than {limit} digits", path, number)
+        return DataError(f"invalid JSON: {e}", path, number)
+    if _nested_deeper_than(text, MAX_JSON_DEPTH):  # parsed, but would overflow the stack of whatever recurses later
+        return DataError(too_deep, path, number)
+    return value
 
 
 def _drop_nulls(row: dict) -> dict:
@@ -78,7 +113,8 @@ def _saved_dataset_rows(path: Path) -> Iterator[tuple[int, object]]:
 def read_rows(path: str | Path) -> Iterator[tuple[int, object]]:
     """(line, row) of a .jsonl/.json lines file, a .parquet file or a `save_to_disk` directory, unvalidated.
 
-    A line that is not valid UTF-8 JSON comes back as a DataError value (so callers may skip it); a missing,
+    A line that is not valid UTF-8 JSON (or nests more than MAX_JSON_DEPTH levels, or holds an integer too long
+    for Python to read) comes back as a DataError value (so callers may skip it); a missing,
     unreadable or unsupported file raises DataError.
     """
     path = Path(path)
@@ -136,11 +172,9 @@ def detect_kind(path: str | Path) -> str:
 
 
 def write_jsonl(path: str | Path, records: Iterable[dict]) -> Path:
-    """One JSON object per line, UTF-8 (non-ASCII kept as it is); creates parent directories; returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-    return path
+    """One JSON object per line, UTF-8 (non-ASCII kept as it is), strict JSON (an undefined number is null);
+    written atomically (temp file, rename: a kill leaves the old file or the new one); returns the path."""
+    from tether.runfiles import strict_json, write_atomic
+
+    return write_atomic(path, "".join(strict_json(record, ensure_ascii=False) + "\n" for record in records))
 

@@ -1,9 +1,21 @@
 """Record kinds and what a valid one is: DataError, SCHEMAS (a check per kind), validate_record; prompt_of,
-expand_ranking."""
+expand_ranking.
+
+Beyond the field types of each kind (data/__init__.py lists them), a valid record has
+- strings that are valid Unicode: no lone surrogate ("\\ud800" in the JSON text decodes, but tokenizers crash on it);
+- pairs: `margin` finite with |margin| <= 1e4 (MAX_MARGIN), `weight` with 0 < weight <= 1e4 (MAX_WEIGHT): larger
+  values give a non-finite loss;
+- verifiable: `tests` (each item of a list, or the one string) that compiles as Python, and a string form with at
+  least one statement; nothing is run here.
+Validation never recurses into values and prints them in messages through `_show`, which never raises: a deeply
+nested value gives a DataError (or passes), never a RecursionError.
+"""
 
 from __future__ import annotations
 
+import ast
 import math
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -42,16 +54,49 @@ def _type_name(value) -> str:
     return type(value).__name__
 
 
+MAX_MARGIN = 1e4  # |margin| <= MAX_MARGIN
+MAX_WEIGHT = 1e4  # 0 < weight <= MAX_WEIGHT
+
+
 def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    """A finite int or float, not a bool (an int is finite however long: math.isfinite would overflow on it)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    return isinstance(value, int) or math.isfinite(value)
+
+
+def _show(value, limit: int = 40) -> str:
+    """repr(value) for a message, cut to `limit` characters; never raises (a value nested too deep to print gives
+    its type name, an int too long to print its size)."""
+    try:
+        text = repr(value)
+    except (RecursionError, ValueError):  # nested past the recursion limit; an int past sys.get_int_max_str_digits
+        if isinstance(value, int):
+            return f"an integer of about {round(value.bit_length() * math.log10(2))} digits"
+        return _type_name(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _lone_surrogate(text: str) -> str | None:
+    """The message for a string holding a lone surrogate (not valid Unicode, cannot be encoded), else None."""
+    if text.isascii():
+        return None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return f"contains a lone surrogate (\\u{ord(text[e.start]):04x}) at character {e.start}, not valid Unicode"
+    return None
 
 
 def _text(value, name: str) -> str:
-    """A non-empty string, or DataError naming the field."""
+    """A non-empty string of valid Unicode, or DataError naming the field."""
     if not isinstance(value, str):
         raise DataError(f"must be a string, got {_type_name(value)}", field=name)
     if not value.strip():
         raise DataError("is empty", field=name)
+    problem = _lone_surrogate(value)
+    if problem:
+        raise DataError(problem, field=name)
     return value
 
 
@@ -114,10 +159,18 @@ def _check_pair(record: dict) -> None:
     _check_prompt(record)
     _text(_required(record, "chosen"), "chosen")
     _text(_required(record, "rejected"), "rejected")
-    if "margin" in record and not _is_number(record["margin"]):
-        raise DataError(f"must be a finite number, got {_type_name(record['margin'])}", field="margin")
-    if "weight" in record and not (_is_number(record["weight"]) and record["weight"] > 0):
-        raise DataError(f"must be a number > 0, got {record['weight']!r}", field="weight")
+    if "margin" in record:
+        margin = record["margin"]
+        if not _is_number(margin):
+            raise DataError(f"must be a finite number, got {_type_name(margin)}", field="margin")
+        if abs(margin) > MAX_MARGIN:
+            raise DataError(f"must be a number with |margin| <= 1e4, got {_show(margin)}", field="margin")
+    if "weight" in record:
+        weight = record["weight"]
+        if not (_is_number(weight) and weight > 0):
+            raise DataError(f"must be a number > 0, got {_show(weight)}", field="weight")
+        if weight > MAX_WEIGHT:
+            raise DataError(f"must be a number with 0 < weight <= 1e4, got {_show(weight)}", field="weight")
     if "rater" in record:
         _text(record["rater"], "rater")
 
@@ -133,9 +186,9 @@ def _check_ranking(record: dict) -> None:
         if not isinstance(index, int) or isinstance(index, bool):
             raise DataError(f"must be an integer index, got {_type_name(index)}", field=f"ranking[{i}]")
         if not 0 <= index < k:
-            raise DataError(f"index {index} out of range for {k} completions", field=f"ranking[{i}]")
+            raise DataError(f"index {_show(index)} out of range for {k} completions", field=f"ranking[{i}]")
         if index in seen:
-            raise DataError(f"index {index} appears twice", field=f"ranking[{i}]")
+            raise DataError(f"index {_show(index)} appears twice", field=f"ranking[{i}]")
         seen.add(index)
     if len(seen) != k:
         missing = sorted(set(range(k)) - seen)
@@ -162,10 +215,30 @@ def _check_verifiable(record: dict) -> None:
         elif not _is_number(answer):
             raise DataError(f"must be a string or a finite number, got {_type_name(answer)}", field="answer")
     if "tests" in record:
-        if isinstance(record["tests"], list):
-            _text_list(record["tests"], "tests")
-        else:
-            _text(record["tests"], "tests")
+        tests = record["tests"]
+        if isinstance(tests, list):
+            for i, code in enumerate(_text_list(tests, "tests")):
+                _check_python(code, f"tests[{i}]")
+        elif not _check_python(_text(tests, "tests"), "tests").body:
+            # the sandbox runs each top-level statement of a string; with none there is no test to run
+            raise DataError("has no statements to run (only comments)", field="tests")
+
+
+def _check_python(code: str, name: str) -> ast.Module:
+    """Parse and compile `code` as a module, without running it; DataError naming the field if it is not Python."""
+    try:
+        with warnings.catch_warnings():  # SyntaxWarnings (e.g. an assert on a tuple) are the sandbox's to show
+            warnings.simplefilter("ignore")
+            tree = ast.parse(code, "<tests>")
+            compile(tree, "<tests>", "exec")
+    except SyntaxError as e:  # IndentationError and TabError included
+        line = f" (line {e.lineno})" if e.lineno else ""
+        raise DataError(f"not valid Python: {e.msg}{line}", field=name) from None
+    except ValueError as e:  # a null byte, before Python 3.12
+        raise DataError(f"not valid Python: {e}", field=name) from None
+    except (RecursionError, MemoryError):  # the parser's own stack, on deeply nested expressions
+        raise DataError("not valid Python: nested too deeply to compile", field=name) from None
+    return tree
 
 
 def _check_steps(record: dict) -> None:
@@ -178,7 +251,7 @@ def _check_steps(record: dict) -> None:
         raise DataError(f"has {len(labels)} labels for {len(steps)} steps", field="labels")
     for i, label in enumerate(labels):
         if not (isinstance(label, bool) or (isinstance(label, int) and label in (0, 1))):
-            raise DataError(f"must be 0, 1, true or false, got {label!r}", field=f"labels[{i}]")
+            raise DataError(f"must be 0, 1, true or false, got {_show(label)}", field=f"labels[{i}]")
 
 
 SCHEMAS: dict[str, Callable[[dict], None]] = {

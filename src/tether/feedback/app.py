@@ -3,8 +3,13 @@
     tether label serve --candidates cand.jsonl --db feedback.sqlite      # http://127.0.0.1:8000
     app = create_app(Store("feedback.sqlite"))                           # for tests: TestClient(app)
 
-Routes (every one needs a valid rater or admin token, else 401 with nothing behind it):
-    GET  /login?token=T   sets the session cookie (HttpOnly, SameSite=Lax) and redirects to /label or /admin
+Routes (every one but /login needs a valid rater or admin token, else 401 with nothing behind it):
+    GET  /login?token=T   a "Sign in as NAME" page whose form POSTs the token; sets no session, only a one-time
+                          sign-in nonce cookie (HttpOnly, SameSite=Strict, Path=/login, 10 minutes)
+    POST /login           form: token, nonce -> sets the session cookie (HttpOnly, SameSite=Lax) and 303 to /label or
+                          /admin; 403 when Sec-Fetch-Site is sent and is not same-origin, when Origin (else Referer)
+                          is another origin, or when the nonce does not match its cookie (login CSRF: another site
+                          cannot sign a rater into the attacker's session)
     GET  /                redirects to /label (raters) or /admin (the admin)
     GET  /label           the rater's current comparison: prompt, A and B side by side, buttons / keys 1-4, reason,
                           undo, progress; after a choice it says whether the choice was saved
@@ -19,6 +24,10 @@ A token comes from the cookie or an `Authorization: Bearer` header.
 
 Untrusted text: completions and prompts are only ever rendered through autoescaped templates, and the
 Content-Security-Policy allows scripts from /static only, so even markup that got through could not run.
+Request bodies: BodyGuard (outside the app) refuses a body over MAX_BODY (1 MiB; /login: LOGIN_MAX_BODY, 4 KiB) with
+413 before reading it (Content-Length over the cap), or as soon as a chunked body passes the cap, and answers a
+request with a body that has no valid token with 401 before reading any of it; the app never sees either.
+Item ids are checked at the edge: not an integer -> 400, an integer no item can have (< 1 or >= 2^63) -> 404.
 Cross-site requests: every POST carries a CSRF token (HMAC of the session's token hash with a per-database secret)
 in a form field or the X-CSRF-Token header, and a POST whose Origin (or Referer) is another site is refused; the
 cookie is SameSite=Lax as well. Errors: HTTP errors render a one-line page, anything unexpected a generic 500 page;
@@ -31,6 +40,7 @@ import hashlib
 import hmac
 import json
 import logging
+import secrets
 import threading
 import time
 from pathlib import Path
@@ -41,7 +51,9 @@ from fastapi import Body, Depends, FastAPI, Form, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse
 from jinja2 import Environment, FileSystemLoader, select_autoescape
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
+from starlette.requests import HTTPConnection
 
 from tether.feedback import stats
 from tether.feedback.store import CHOICES, NotAssigned, Rater, Store
@@ -50,7 +62,14 @@ log = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
 COOKIE = "tether_session"
+LOGIN_COOKIE = "tether_login"  # the sign-in page's nonce (see POST /login)
 MAX_REASON = 2000
+MAX_BODY = 1 << 20  # every route's forms and JSON are a few KiB at most (a 2,000-character reason, escaped)
+LOGIN_MAX_BODY = 4096  # POST /login is read without a session: a token and a nonce
+MAX_ITEM_ID = 2**63 - 1  # SQLite's largest integer; ids start at 1
+SCOPE_RATER = "tether.rater"  # the rater BodyGuard found for a request with a body, so the app need not look again
+SIGN_IN = "Open your personal link to sign in."
+NO_ITEM = "No such item."
 STATIC = {"app.js": "text/javascript", "app.css": "text/css"}
 NOTICES = {"saved": "Saved.", "repeat": "Already saved (stored once).", "undone": "Undone: choose again.",
            "nothing": "Nothing to undo."}
@@ -63,6 +82,19 @@ HEADERS = {
     "Cache-Control": "no-store",
 }
 TEMPLATES = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape(default=True))
+LOGIN_PAGE = TEMPLATES.from_string("""{% extends "base.html" %}
+{% block title %}sign in · tether feedback{% endblock %}
+{% block body %}
+<main class="message">
+  <h1>Sign in as {{ name }}</h1>
+  <p>Continue only if this is your own personal link.</p>
+  <form id="login" method="post" action="/login">
+    <input type="hidden" name="token" value="{{ token }}">
+    <input type="hidden" name="nonce" value="{{ nonce }}">
+    <button type="submit" id="sign-in">Sign in</button>
+  </form>
+</main>
+{% endblock %}""")  # autoescaped too (select_autoescape escapes templates from strings); no script, no style
 
 
 def fmt(x: float) -> str:
@@ -91,9 +123,45 @@ SERVER_ERROR = "Something went wrong on the server; your confirmed choices are s
 SERVER_ERROR_PAGE = f"<!doctype html><title>500</title><h1>500</h1><p>{SERVER_ERROR}</p>"
 
 
-def same_origin(request: Request) -> bool:
-    """False when the browser says the request comes from another site (Origin, else Referer, Sec-Fetch-Site)."""
-    if request.headers.get("sec-fetch-site") == "cross-site":
+def error_response(path: str, status: int, text: str):
+    """JSON {"error": text} under /api/, else the one-line message page."""
+    return JSONResponse({"error": text}, status) if path.startswith("/api/") else message(status, text)
+
+
+def token_of(conn: HTTPConnection) -> str | None:
+    """The token of a request: `Authorization: Bearer T`, else the session cookie."""
+    auth = conn.headers.get("authorization", "")
+    return auth[7:].strip() if auth.lower().startswith("bearer ") else conn.cookies.get(COOKIE)
+
+
+def same_text(supplied, expected: str) -> bool:
+    """Constant-time comparison of a client's value with ours (bytes: compare_digest refuses non-ASCII str)."""
+    return isinstance(supplied, str) and hmac.compare_digest(supplied.encode(), expected.encode())
+
+
+def parse_item_id(value) -> int:
+    """An item id from a form field (decimal ASCII digits) or JSON (an integer, not a bool or float): 400 when it
+    is not an integer, 404 when it is one that no item can have (below 1 or past SQLite's 2^63 - 1)."""
+    if isinstance(value, str):
+        text = value.strip()
+        digits = text[1:] if text.startswith("-") else text
+        if not (digits.isascii() and digits.isdigit()):
+            raise HTTPException(400, "item_id must be an integer.")
+        if text.startswith("-") or len(digits.lstrip("0")) > 19:  # 19 digits: never past int() limits either
+            raise HTTPException(404, NO_ITEM)
+        value = int(digits)
+    elif not isinstance(value, int) or isinstance(value, bool):
+        raise HTTPException(400, "item_id must be an integer.")
+    if not 1 <= value <= MAX_ITEM_ID:
+        raise HTTPException(404, NO_ITEM)
+    return value
+
+
+def same_origin(request: Request, strict: bool = False) -> bool:
+    """False when the browser says the request comes from another site (Origin, else Referer, Sec-Fetch-Site).
+    strict (sign-in): Sec-Fetch-Site, when sent, must be same-origin (same-site and none are refused too)."""
+    site = request.headers.get("sec-fetch-site")
+    if site == "cross-site" or (strict and site not in (None, "same-origin")):
         return False
     own = f"{request.url.scheme}://{request.headers.get('host', '')}"
     origin = request.headers.get("origin")
@@ -112,11 +180,9 @@ def create_app(store: Store) -> SecurityHeaders:
         return hmac.new(secret, rater.token_hash.encode(), hashlib.sha256).hexdigest()
 
     def session(request: Request) -> Rater:
-        auth = request.headers.get("authorization", "")
-        token = auth[7:].strip() if auth.lower().startswith("bearer ") else request.cookies.get(COOKIE)
-        rater = store.rater_for_token(token)
+        rater = request.scope.get(SCOPE_RATER) or store.rater_for_token(token_of(request))
         if rater is None:
-            raise HTTPException(401, "Open your personal link to sign in.")
+            raise HTTPException(401, SIGN_IN)
         return rater
 
     def rater_session(request: Request) -> Rater:
@@ -128,14 +194,11 @@ def create_app(store: Store) -> SecurityHeaders:
     def checked_post(request: Request, rater: Rater, supplied: str | None) -> None:
         if not same_origin(request):
             raise HTTPException(403, "Cross-site request refused.")
-        if not hmac.compare_digest(str(supplied or ""), csrf_for(rater)):
+        if not same_text(supplied, csrf_for(rater)):
             raise HTTPException(403, "Missing or wrong form token; reload the page.")
 
     def parse_choice(item_id, choice, reason) -> tuple[int, str, str]:
-        exact = isinstance(item_id, int) and not isinstance(item_id, bool)
-        if not (exact or (isinstance(item_id, str) and item_id.strip().isdigit())):
-            raise HTTPException(400, "item_id must be an integer.")
-        item = int(item_id)
+        item = parse_item_id(item_id)
         if choice not in CHOICES:
             raise HTTPException(400, f"choice must be one of {', '.join(CHOICES)}.")
         reason = "" if reason is None else reason
@@ -153,9 +216,7 @@ def create_app(store: Store) -> SecurityHeaders:
     # --- errors and headers -------------------------------------------------------------------------------------
     @app.exception_handler(HTTPException)
     def http_error(request: Request, exc: HTTPException):
-        if request.url.path.startswith("/api/"):
-            return JSONResponse({"error": exc.detail}, exc.status_code)
-        return message(exc.status_code, str(exc.detail))
+        return error_response(request.url.path, exc.status_code, str(exc.detail))
 
     @app.exception_handler(RequestValidationError)
     def bad_request(request: Request, exc: RequestValidationError):
@@ -170,12 +231,30 @@ def create_app(store: Store) -> SecurityHeaders:
 
     # --- pages --------------------------------------------------------------------------------------------------
     @app.get("/login")
-    def login(token: str = ""):
+    def login_page(token: str = ""):
+        # No session here: a cross-site link or redirect to this URL must not sign anyone in. The rater confirms
+        # on our own page, whose POST carries a nonce that only this browser has (its cookie) and only this page
+        # shows (the response is no-store and cannot be framed or read by another site).
+        rater = store.rater_for_token(token)
+        if rater is None:
+            raise HTTPException(401, "This link is not valid.")
+        nonce = secrets.token_urlsafe(24)
+        response = HTMLResponse(LOGIN_PAGE.render(name=rater.name, token=token, nonce=nonce, styled=False))
+        response.set_cookie(LOGIN_COOKIE, nonce, max_age=600, path="/login", httponly=True, samesite="strict")
+        return response
+
+    @app.post("/login")
+    def login_post(request: Request, token: str = Form(""), nonce: str = Form("")):
+        if not same_origin(request, strict=True):
+            raise HTTPException(403, "Cross-site sign-in refused: open your personal link yourself.")
+        if not nonce or not same_text(nonce, request.cookies.get(LOGIN_COOKIE) or ""):
+            raise HTTPException(403, "This sign-in page has expired: open your personal link again.")
         rater = store.rater_for_token(token)
         if rater is None:
             raise HTTPException(401, "This link is not valid.")
         response = RedirectResponse("/admin" if rater.is_admin else "/label", 303)
         response.set_cookie(COOKIE, token, httponly=True, samesite="lax", max_age=30 * 24 * 3600)
+        response.delete_cookie(LOGIN_COOKIE, path="/login", httponly=True, samesite="strict")
         return response
 
     @app.get("/")
@@ -241,14 +320,79 @@ def create_app(store: Store) -> SecurityHeaders:
         checked_post(request, rater, request.headers.get("x-csrf-token"))
         return {"undone": store.undo(rater.id)}
 
-    return SecurityHeaders(app)
+    return SecurityHeaders(BodyGuard(app, store))
+
+
+class BodyGuard:
+    """ASGI wrapper that bounds request bodies before the app reads any of them (FastAPI reads a route's whole body
+    before its dependencies, the session check included, would run):
+    - the cap is MAX_BODY, LOGIN_MAX_BODY on /login; a Content-Length over it -> 413 at once, nothing read;
+    - a request with a body (Content-Length > 0, Transfer-Encoding, or any method but GET / HEAD / OPTIONS) outside
+      /login needs a valid token first -> else 401 (the app's page or JSON), nothing read;
+    - then the body is read here, counting bytes as they arrive (chunked bodies have no length to check), -> 413 as
+      soon as it passes the cap; else the app gets it in one message.
+    Refusals close the connection (the unread rest of the body is not drained); the app is not called for them."""
+
+    def __init__(self, app, store: Store):
+        self.app, self.store = app, store
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        conn = HTTPConnection(scope)
+        login = scope["path"] == "/login"
+        limit = LOGIN_MAX_BODY if login else MAX_BODY
+        length = conn.headers.get("content-length")
+
+        async def refuse(response) -> None:
+            response.headers["connection"] = "close"
+            await response(scope, receive, send)
+
+        def too_large():
+            return JSONResponse({"error": f"Request body too large: at most {limit} bytes."}, 413)
+
+        if length is not None:
+            length = length.strip()
+            if not (length.isascii() and length.isdigit()):
+                return await refuse(JSONResponse({"error": "Bad Content-Length."}, 400))
+            if len(length) > 18 or int(length) > limit:
+                return await refuse(too_large())
+        has_body = bool(int(length or 0)) or "transfer-encoding" in conn.headers
+        if not has_body and scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            return await self.app(scope, receive, send)  # nothing to read: the app checks the session itself
+        if not login:
+            rater = await run_in_threadpool(self.store.rater_for_token, token_of(conn))
+            if rater is None:
+                return await refuse(error_response(scope["path"], 401, SIGN_IN))
+            scope = {**scope, SCOPE_RATER: rater}
+        chunks, size = [], 0
+        while True:
+            event = await receive()
+            if event["type"] == "http.disconnect":
+                return
+            chunks.append(event.get("body", b""))
+            size += len(chunks[-1])
+            if size > limit:
+                return await refuse(too_large())
+            if not event.get("more_body", False):
+                break
+        body, replayed = b"".join(chunks), False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()  # waits for the disconnect, as the app expects
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
 
 
 class SecurityHeaders:
     """ASGI wrapper adding HEADERS to every response (plain ASGI: Starlette's BaseHTTPMiddleware would add a task
     and a body stream to every request)."""
 
-    def __init__(self, app: FastAPI):
+    def __init__(self, app):
         self.app = app
         self.extra = [(k.lower().encode(), v.encode()) for k, v in HEADERS.items()]
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from tether import data as D
+from tether.data.schemas import _lone_surrogate
 
 CRITIC_TEMPLATE = "{prompt} {response}\ncritique:"
 
@@ -38,6 +39,11 @@ def _check_candidate(record: dict) -> None:
     gold = record.get("gold")
     if gold is not None and (len(responses) != 2 or gold not in (0, 1) or isinstance(gold, bool)):
         raise D.DataError("a gold item has two responses and gold 0 or 1 (the better one)", field="gold")
+    for name in ("responses", "critiques"):  # the store and the pages encode them as UTF-8: a lone surrogate cannot be
+        for i, text in enumerate(record.get(name) or []):
+            problem = _lone_surrogate(text)
+            if problem:
+                raise D.DataError(problem, field=f"{name}[{i}]")
 
 
 def read_candidates(path: str | Path) -> list[dict]:

@@ -33,11 +33,13 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
-from tether.config import ConfigError, opt
+from tether.config import ConfigError, above, at_least, between, one_of, opt
 from tether.data import load_records, write_jsonl
 from tether.feedback.store import Store
 from tether.recipes.demo import DEMO_DEFAULTS
 from tether.recipes.pipeline import STAGES, Stage, prefixed_fields, run_stage
+from tether.runfiles import strict_json, write_atomic
+from tether.tasks import TASKS
 
 log = logging.getLogger(__name__)
 
@@ -50,31 +52,33 @@ LOOP_DEFAULTS = {**{k: v for k, v in DEMO_DEFAULTS.items() if k.split("_")[0] in
 class LoopBase:
     out: str = opt("runs/loop", "run directory: sft/, round-1/, round-2/, ..., feedback.sqlite, loop.jsonl")
     model: str = opt("", "start policy (default: the task's base model after SFT on the task's demonstrations)")
-    task: str = opt("reviews", "embedded task: prompts, gold reward per round, the simulated raters' taste")
-    rounds: int = opt(3, "rounds of sample -> label -> RM -> PPO")
-    raters: str = opt("simulated", "simulated (unattended) | human (serve the web app and wait for labels)")
+    task: str = opt("reviews", "embedded task: prompts, gold reward per round, the simulated raters' taste",
+                    check=one_of("", *TASKS))
+    rounds: int = opt(3, "rounds of sample -> label -> RM -> PPO", check=at_least(1))
+    raters: str = opt("simulated", "simulated (unattended) | human (serve the web app and wait for labels)",
+                      check=one_of(*RATERS))
     prompts: str = opt("", "prompt records to draw each round's prompts from (default: the task's train prompts)")
-    prompts_per_round: int = opt(64, "prompts sampled per round")
-    n: int = opt(2, "responses per prompt (every pair of distinct responses is an item)")
-    max_new_tokens: int = opt(48, "response budget of the candidates")
-    temperature: float = opt(1.0, "sampling temperature of the candidates")
-    raters_per_item: int = opt(1, "R: raters who label each item")
-    sim_raters: int = opt(3, "simulated: how many raters share the queue (at least raters_per_item)")
-    sim_tau: float = opt(1.0, "simulated: Bradley-Terry noise τ, P(a over b) = σ((gold_a − gold_b)/τ)")
+    prompts_per_round: int = opt(64, "prompts sampled per round", check=at_least(1))
+    n: int = opt(2, "responses per prompt (every pair of distinct responses is an item)", check=at_least(2))
+    max_new_tokens: int = opt(48, "response budget of the candidates", check=at_least(1))
+    temperature: float = opt(1.0, "sampling temperature of the candidates (> 0: greedy responses are all alike)",
+                             check=above(0))
+    raters_per_item: int = opt(1, "R: raters who label each item", check=at_least(1))
+    sim_raters: int = opt(3, "simulated: how many raters share the queue (at least raters_per_item)",
+                          check=at_least(1))
+    sim_tau: float = opt(1.0, "simulated: Bradley-Terry noise τ, P(a over b) = σ((gold_a − gold_b)/τ)",
+                         check=above(0))
     db: str = opt("", "feedback database (default: out/feedback.sqlite)")
     host: str = opt("127.0.0.1", "human: interface the web app listens on")
-    port: int = opt(8000, "human: port of the web app")
-    poll_seconds: float = opt(5.0, "human: how often the loop checks whether the round is labelled")
-    n_sft: int = opt(2000, "demonstrations from the task for the setup SFT (only when `model` is empty)")
-    seed: int = opt(0, "random seed of every stage and of the simulated raters")
+    port: int = opt(8000, "human: port of the web app", check=between(1, 65535))
+    poll_seconds: float = opt(5.0, "human: how often the loop checks whether the round is labelled", check=above(0))
+    n_sft: int = opt(2000, "demonstrations from the task for the setup SFT (only when `model` is empty)",
+                     check=at_least(1))
+    seed: int = opt(0, "random seed of every stage and of the simulated raters", check=at_least(0))
     base_seed: int = opt(0, "seed of the task's base-model build when `model` is empty (a separate axis from `seed`)")
     progress: bool = opt(True, "show progress bars")
 
     def validate(self) -> None:
-        if self.raters not in RATERS:
-            raise ConfigError(f"key 'raters': expected one of {', '.join(RATERS)}, got {self.raters!r}")
-        if self.rounds < 1 or self.prompts_per_round < 1 or self.n < 2 or self.raters_per_item < 1:
-            raise ConfigError("keys rounds, prompts_per_round, raters_per_item must be >= 1 and n >= 2")
         if self.raters == "simulated" and self.task != "reviews":
             raise ConfigError("raters=simulated needs task=reviews (its gold reward is the simulated raters' taste)")
         if self.raters == "simulated" and self.sim_raters < self.raters_per_item:
@@ -204,7 +208,7 @@ def run_round(cfg, store: Store, task, start: str, policy: str, k: int, url: str
         responses = [r for c in candidates for r in c["responses"]]
         prompts = [c["prompt"] for c in candidates for _ in c["responses"]]
         row["sample_gold"] = sum(task.gold_reward(prompts, responses)) / len(responses)
-    done.write_text(json.dumps(row, indent=2) + "\n")
+    write_atomic(done, strict_json(row, indent=2) + "\n")
     return row
 
 
@@ -237,5 +241,5 @@ def run(cfg) -> dict:
     summary = {"rounds": len(rows), "policy": policy, "labels": rows[-1]["labels"], "per_round": rows,
                "gold_reward_round_0": rows[0]["gold_start"],
                **{f"gold_reward_round_{r['round']}": r["gold_end"] for r in rows}}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_atomic(out / "summary.json", strict_json(summary, indent=2) + "\n")
     return summary

@@ -45,11 +45,14 @@ from pathlib import Path
 import torch
 
 from tether import data as D
-from tether.config import ConfigError, load_config, opt, save_config
+from tether import rundir
+from tether.config import ConfigError, above, at_least, load_config, one_of, opt
 from tether.evaluate import evaluate_policy
 from tether.generation import sample_records
 from tether.metrics import bon_kl, bon_kl_empirical, expected_max_normal, unbiased_bon_estimate
 from tether.prompts import load_prompts, load_task
+from tether.runfiles import strict_json, write_atomic
+from tether.tasks import TASKS
 
 log = logging.getLogger(__name__)
 
@@ -58,37 +61,43 @@ log = logging.getLogger(__name__)
 class BoNConfig:
     model: str = opt("", "policy to sample from (required)")
     reward: str = opt("", "reward spec that picks the winner: rm:DIR, python:mod:fn, a built-in (required)")
-    task: str = opt("", "embedded task: held-out prompts when `prompts` is empty, and the gold reward")
+    task: str = opt("", "embedded task: held-out prompts when `prompts` is empty, and the gold reward",
+                    check=one_of("", "none", *TASKS))
     prompts: str = opt("", "held-out prompts for the table (default: the task's test split)")
-    n_prompts: int = opt(64, "held-out prompts used")
-    n: int = opt(16, "best-of-n: candidates per prompt for the winners (and the largest n of the table)")
-    samples: int = opt(0, "samples N per held-out prompt for the table (0 = n); N > n lowers the estimator's variance")
-    ns: list[int] = opt([], "n values of the table, comma list (default: 1, 2, 4, ... up to n)")
-    max_prompt_len: int = opt(64, "prompt tokens kept (cut from the left)")
-    max_new_tokens: int = opt(48, "response budget")
-    temperature: float = opt(1.0, "sampling temperature")
+    n_prompts: int = opt(64, "held-out prompts used", check=at_least(1))
+    n: int = opt(16, "best-of-n: candidates per prompt for the winners (and the largest n of the table)",
+                 check=at_least(1))
+    samples: int = opt(0, "samples N per held-out prompt for the table (0 = n); N > n lowers the estimator's variance",
+                       check=at_least(0))
+    ns: list[int] = opt([], "n values of the table, comma list (default: 1, 2, 4, ... up to n)", check=at_least(1))
+    max_prompt_len: int = opt(64, "prompt tokens kept (cut from the left)", check=at_least(1))
+    max_new_tokens: int = opt(48, "response budget", check=at_least(1))
+    temperature: float = opt(1.0, "sampling temperature (> 0: greedy samples are all alike, and the KL's log-probs "
+                                  "come from logits / T)", check=above(0))
     missing_eos_penalty: float | None = opt(-1.0, "score of a response without EOS (none = keep the reward's score)")
-    batch_size: int = opt(64, "rows per sampling batch")
+    batch_size: int = opt(64, "rows per sampling batch", check=at_least(1))
     sft: bool = opt(False, "fine-tune on the winners (rejection-sampling fine-tuning)")
-    rounds: int = opt(1, "sft=true: rounds of sample -> pick -> fine-tune (expert iteration)")
+    rounds: int = opt(1, "sft=true: rounds of sample -> pick -> fine-tune (expert iteration)", check=at_least(1))
     train_prompts: str = opt("", "sft=true: prompts the winners are drawn for (default: the task's train split)")
-    n_train_prompts: int = opt(256, "sft=true: training prompts per round")
-    sft_lr: float = opt(1e-3, "sft=true: learning rate")
-    sft_epochs: float = opt(2.0, "sft=true: passes over each round's winners")
-    sft_batch_size: int = opt(16, "sft=true: batch size")
-    sft_max_steps: int = opt(0, "sft=true: steps per round (0 = from sft_epochs)")
-    eval_samples: int = opt(2, "sft=true: samples per held-out prompt for gold/KL before and after")
-    seed: int = opt(0, "random seed")
+    n_train_prompts: int = opt(256, "sft=true: training prompts per round", check=at_least(1))
+    sft_lr: float = opt(1e-3, "sft=true: learning rate", check=above(0))
+    sft_epochs: float = opt(2.0, "sft=true: passes over each round's winners", check=above(0))
+    sft_batch_size: int = opt(16, "sft=true: batch size", check=at_least(1))
+    sft_max_steps: int = opt(0, "sft=true: steps per round (0 = from sft_epochs)", check=at_least(0))
+    eval_samples: int = opt(2, "sft=true: samples per held-out prompt for gold/KL before and after",
+                            check=at_least(1))
+    seed: int = opt(0, "random seed (also the sft stage's)", check=at_least(0))
     out: str = opt("", "run directory (default runs/bon-<timestamp>)")
     progress: bool = opt(True, "show progress bars (the sft stage)")
+    resume: bool = opt(False, "continue the run in `out`: its samples and finished rounds are kept, not redrawn")
+    resume_changed: list[str] = opt([], "resume: keys whose new value is accepted though the run used another")
+    overwrite: bool = opt(False, "replace the earlier run in `out` (its files are deleted first)")
 
     def validate(self) -> None:
         if not self.model or not self.reward:
             raise ConfigError("bon needs model=DIR and reward=SPEC (e.g. reward=rm:runs/rm, or reward=reviews for gold)")
         if not (self.prompts or self.task):
             raise ConfigError("bon needs prompts=FILE or task=NAME")
-        if self.n < 1 or self.samples < 0 or self.rounds < 1:
-            raise ConfigError("bon needs n >= 1, samples >= 0 and rounds >= 1")
         if self.sft and not (self.train_prompts or self.task):
             raise ConfigError("bon sft=true needs train_prompts=FILE or task=NAME")
         bad = [k for k in self.n_values() if not 1 <= k <= self.n_samples()]
@@ -189,10 +198,11 @@ def fine_tune_round(cfg: BoNConfig, model_dir: str, data: Path, out: Path) -> st
     from tether.recipes.pipeline import finished
 
     if finished(out) is None:
+        resume = any((out / "checkpoints").glob("step-*/tether_state.json"))  # interrupted: go on; else start over
         settings = {"model": model_dir, "data": str(data), "out": str(out), "lr": cfg.sft_lr, "epochs": cfg.sft_epochs,
                     "batch_size": cfg.sft_batch_size, "max_steps": cfg.sft_max_steps, "eval_fraction": 0.0,
                     "max_prompt_len": cfg.max_prompt_len, "max_completion_len": cfg.max_new_tokens + 1,
-                    "seed": cfg.seed, "progress": cfg.progress}
+                    "seed": cfg.seed, "progress": cfg.progress, "resume": resume, "overwrite": not resume}
         sft.run(load_config(sft.SFTConfig, None, settings, recipe="sft"))
     return str(out / "model")
 
@@ -231,16 +241,21 @@ def run(cfg: BoNConfig) -> dict:
     t0 = time.time()
     run_dir = Path(cfg.out or f"runs/bon-{time.strftime('%Y%m%d-%H%M%S')}")
     run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
+    lock = rundir.hold(run_dir, "bon")  # one writer; held until this function returns
+    rundir.prepare(run_dir, cfg, "bon")  # a fresh run, overwrite=true, or a resume of the same settings
     task = load_task(cfg.task)
     spec = f"rm:{cfg.reward}" if Path(cfg.reward).is_dir() else cfg.reward
     reward = reward_from_spec(spec)
     tokenizer, model = load_tokenizer(cfg.model), load_causal_lm(cfg.model).eval()
     held = load_prompts(cfg.prompts, task, "test", cfg.n_prompts, cfg.seed)
 
-    generator = torch.Generator().manual_seed(cfg.seed * 1_000_003)
-    groups = _sample(cfg, model, tokenizer, held, cfg.n_samples(), generator)
-    score_groups(groups, reward, cfg.missing_eos_penalty, task)
+    samples = run_dir / "samples.jsonl"
+    if cfg.resume and samples.exists():  # the table's samples of the interrupted run, scored as they were
+        groups = [json.loads(x) for x in samples.read_text().splitlines()]
+    else:
+        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003)
+        groups = _sample(cfg, model, tokenizer, held, cfg.n_samples(), generator)
+        score_groups(groups, reward, cfg.missing_eos_penalty, task)
     table = bon_table([g["proxy"] for g in groups], [g["gold"] for g in groups] if task else None, cfg.n_values())
     write_csv(run_dir / "bon_table.csv", table)
     D.write_jsonl(run_dir / "samples.jsonl", ({k: v for k, v in g.items() if k != "record"} for g in groups))
@@ -251,6 +266,7 @@ def run(cfg: BoNConfig) -> dict:
     if cfg.sft:
         summary.update(expert_iteration(cfg, tokenizer, reward, task, run_dir, held))
     summary["wall_seconds"] = time.time() - t0
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_atomic(run_dir / "summary.json", strict_json(summary, indent=2) + "\n")
+    lock.close()
     log.info("best-of-%d: %s", at_n["n"], {k: round(v, 4) for k, v in at_n.items() if isinstance(v, float)})
     return summary

@@ -31,7 +31,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from tether.config import opt
+from tether.config import at_least, one_of, opt
 from tether.recipes.pipeline import STAGES, PipelineBase, Stage, prefixed_fields, run_stage
 
 log = logging.getLogger(__name__)
@@ -91,18 +91,20 @@ IPO_OVERRIDES = {"loss": "ipo", "beta": 0.25}
 class DemoBase(PipelineBase):
     out: str = opt("runs/demo", "run directory: data/, one subdirectory per stage, report.html")
     model: str = opt("", "base model (default: tasks.reviews.build_base(), built once and cached)")
-    task: str = opt("reviews", "the embedded task (the demo's data and gold reward come from it)")
+    task: str = opt("reviews", "the embedded task (the demo's data and gold reward come from it; only reviews "
+                               "writes the demo's data)", check=one_of("reviews"))
     stages: str = opt("", "stages to run in order (default: sft,rm,ppo; add dpo, ipo or ppo_nokl by name)")
     overopt: bool = opt(False, "also run ppo_nokl: PPO with β = 0, to show over-optimisation")
-    nokl_max_steps: int = opt(120, "PPO steps of the β = 0 run")
-    overopt_pairs: int = opt(500, "comparisons the β = 0 run's weak proxy reward model (rm_small) is trained on")
-    n_sft: int = opt(2000, "demonstrations written for SFT")
+    nokl_max_steps: int = opt(120, "PPO steps of the β = 0 run", check=at_least(0))
+    overopt_pairs: int = opt(500, "comparisons the β = 0 run's weak proxy reward model (rm_small) is trained on",
+                             check=at_least(1))
+    n_sft: int = opt(2000, "demonstrations written for SFT", check=at_least(0))
     n_pairs: int = opt(2000, "pairs labelled by the simulated raters (prefs.jsonl: the weak proxy's data; the RM's "
-                            "and DPO's too when n_rankings=0)")
+                            "and DPO's too when n_rankings=0)", check=at_least(0))
     n_rankings: int = opt(1000, "4-way rankings by the simulated raters (rankings.jsonl, as many completions as "
-                               "2,000 pairs): the reward model's and DPO's data")
+                               "2,000 pairs): the reward model's and DPO's data", check=at_least(0))
     n_test_pairs: int = opt(4000, "held-out comparisons on the test prompts: the reward model's evaluation set "
-                                  "(4,000: a standard error of 0.007 on its accuracy)")
+                                  "(4,000: a standard error of 0.007 on its accuracy)", check=at_least(0))
     report: bool = opt(True, "write report.html + PNGs and print a summary")
 
     def stage_list(self) -> list[str]:

@@ -10,7 +10,7 @@
 The loss comes by name from `losses.PREFERENCE_LOSSES`, which also says whether it needs the reference policy and
 whether sequence log-probs are summed or averaged per token. By design:
 - reference log-probs are computed ONCE, before the first step, with the starting policy (which *is* the reference),
-  and cached in the run directory (`reference_logps.pt`, reused on resume) — no reference model stays in memory
+  and cached in the run directory (`reference_logps-<key>.pt`, keyed by model and data, reused on resume) — no reference model stays in memory
   during training, and none is loaded at all for SimPO/ORPO;
 - chosen and rejected go through ONE forward (data.collate_pairs stacks them);
 - each micro-batch's mean loss is weighted by its share of the global batch, so accumulation/DP give the global mean.
@@ -23,13 +23,17 @@ builds on this module's pieces (this module knows nothing of it).
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from tether import data as D
-from tether.config import ConfigError, opt
+from tether import rundir
+from tether.config import ConfigError, above, at_least, between, one_of, opt
 from tether.engine import Engine, TrainConfig, steps_for
 from tether.evaluate import append_eval, held_out_eval
 from tether.forward import sequence_logps
@@ -37,6 +41,8 @@ from tether.losses import PREFERENCE_LOSSES, rpo_nll
 from tether.models import LoraSettings, load_causal_lm, load_tokenizer
 from tether.prompts import load_prompts, load_task
 from tether.reference import ReferencePolicy
+from tether.runfiles import save_torch_atomic
+from tether.tasks import TASKS
 
 log = logging.getLogger(__name__)
 
@@ -45,28 +51,33 @@ log = logging.getLogger(__name__)
 class PreferenceFields:
     """The preference loss and how its data are cut: what offline and online DPO share."""
 
-    loss: str = opt("dpo", "dpo | robust_dpo | ipo | hinge | simpo | orpo | kto")
-    beta: float = opt(0.1, "β: strength of the KL tether (IPO: τ; SimPO: reward scale)")
-    label_smoothing: float = opt(0.0, "cDPO / robust DPO label-noise rate ε")
-    rpo_alpha: float = opt(0.0, "RPO: weight α of the chosen responses' per-token NLL added to a paired loss (0 = off)")
-    gamma: float = opt(1.0, "SimPO target margin γ")
-    lam: float = opt(0.1, "ORPO weight λ of the odds-ratio term")
-    desirable_weight: float = opt(1.0, "KTO λ_D")
-    undesirable_weight: float = opt(1.0, "KTO λ_U")
-    max_prompt_len: int = opt(256, "prompt tokens kept (cut from the left)")
-    max_completion_len: int = opt(256, "completion tokens kept (cut from the right)")
+    loss: str = opt("dpo", "dpo | robust_dpo | ipo | hinge | simpo | orpo | kto",
+                    check=one_of(*sorted(PREFERENCE_LOSSES)))
+    beta: float = opt(0.1, "β: strength of the KL tether (IPO: τ; SimPO: reward scale)", check=above(0))
+    label_smoothing: float = opt(0.0, "cDPO / robust DPO label-noise rate ε", check=between(0, 0.5, high_open=True))
+    rpo_alpha: float = opt(0.0, "RPO: weight α of the chosen responses' per-token NLL added to a paired loss (0 = off)",
+                           check=at_least(0))
+    gamma: float = opt(1.0, "SimPO target margin γ", check=at_least(0))
+    lam: float = opt(0.1, "ORPO weight λ of the odds-ratio term", check=at_least(0))
+    desirable_weight: float = opt(1.0, "KTO λ_D", check=at_least(0))
+    undesirable_weight: float = opt(1.0, "KTO λ_U", check=at_least(0))
+    max_prompt_len: int = opt(256, "prompt tokens kept (cut from the left)", check=at_least(1))
+    max_completion_len: int = opt(256, "completion tokens kept (cut from the right)", check=at_least(1))
 
 
 @dataclass
 class HeldOutFields:
     """Held-out gold reward and KL of the policy during training (evals.jsonl)."""
 
-    task: str = opt("", "embedded task for gold reward and KL on held-out prompts (e.g. reviews)")
+    task: str = opt("", "embedded task for gold reward and KL on held-out prompts (e.g. reviews)",
+                    check=one_of("", "none", *TASKS))
     eval_prompts: str = opt("", "held-out prompts (default: the task's test split)")
-    n_eval_prompts: int = opt(64, "held-out prompts")
-    eval_samples: int = opt(2, "samples per held-out prompt")
-    eval_every: int = opt(0, "also evaluate on the held-out prompts every N steps, to evals.jsonl (0 = start and end)")
-    max_new_tokens: int = opt(48, "generation budget for the evaluation samples (and online samples)")
+    n_eval_prompts: int = opt(64, "held-out prompts", check=at_least(1))
+    eval_samples: int = opt(2, "samples per held-out prompt", check=at_least(1))
+    eval_every: int = opt(0, "also evaluate on the held-out prompts every N steps, to evals.jsonl (0 = start and end)",
+                          check=at_least(0))
+    max_new_tokens: int = opt(48, "generation budget for the evaluation samples (and online samples)",
+                              check=at_least(1))
 
 
 @dataclass
@@ -75,12 +86,10 @@ class DPOConfig(HeldOutFields, PreferenceFields, TrainConfig):
     data: str = opt("", "preference pairs {prompt, chosen, rejected}, K-way rankings (as their C(K,2) pairs), or "
                         "unpaired {prompt, completion, label} for kto")
     skip_invalid: bool = opt(False, "skip invalid records (reported) instead of stopping at the first")
-    lr: float = opt(5e-6, "peak learning rate (AdamW)")
+    lr: float = opt(5e-6, "peak learning rate (AdamW)", check=above(0))
 
     def validate(self) -> None:
         super().validate()
-        if self.loss not in PREFERENCE_LOSSES:
-            raise ConfigError(f"key 'loss' must be one of {sorted(PREFERENCE_LOSSES)}, got {self.loss!r}")
         self.validate_inputs()
 
     def validate_inputs(self) -> None:
@@ -129,13 +138,28 @@ def loss_for(spec, cfg: DPOConfig, logps: torch.Tensor, ref: tuple | None, label
     return spec.fn(policy, policy_other, **hp)
 
 
+def reference_key(model_dir: str, examples: list, spec) -> str:
+    """What the reference log-probs depend on: the reference model's files, every example's token ids, and whether
+    the loss sums or averages them. A cache under another key belongs to other pairs or another model."""
+    h = hashlib.sha256(f"{rundir.fingerprint(Path(model_dir))} {spec.logp_average} {spec.paired}".encode())
+    for ex in examples:
+        h.update(repr(dataclasses.astuple(ex)).encode())
+    return h.hexdigest()[:16]
+
+
 @torch.no_grad()
-def reference_logps(engine, model, examples, cfg, spec, pad_id, path=None) -> torch.Tensor:
-    """Log-probs of every row under `model` (the reference: offline, the starting policy itself), cached in `path`
-    (default run_dir/reference_logps.pt) and read from there when it exists."""
-    path = path or engine.run_dir / "reference_logps.pt"
+def reference_logps(engine, model, examples, cfg, spec, pad_id, cache_dir: Path | None = None) -> torch.Tensor:
+    """Log-probs of every row under `model` (the reference: the starting policy, `cfg.model`), (n, 2): chosen and
+    rejected (KTO: matched and mismatched). Cached in cache_dir (default the run directory) under
+    reference_logps-<reference_key>.pt, written atomically; a cache under another key, or unreadable, is not used."""
+    path = Path(cache_dir or engine.run_dir) / f"reference_logps-{reference_key(cfg.model, examples, spec)}.pt"
     if path.exists():
-        return torch.load(path)
+        try:
+            cached = torch.load(path)
+            if cached.shape == (len(examples), 2):
+                return cached
+        except (OSError, RuntimeError, EOFError, ValueError) as e:
+            log.warning("%s is unreadable (%s); computing the reference log-probs again", path, e)
     model.eval()
     out = []
     for i in range(0, len(examples), cfg.batch_size):
@@ -146,7 +170,7 @@ def reference_logps(engine, model, examples, cfg, spec, pad_id, path=None) -> to
     model.train()
     cached = torch.cat(out)
     if engine.is_main:
-        torch.save(cached, path)
+        save_torch_atomic(cached, path)
     return cached
 
 

@@ -29,10 +29,11 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from tether.config import ConfigError, load_config, opt
+from tether.config import ConfigError, above, at_least, load_config, one_of, opt
 from tether.recipes.demo import DEMO_DEFAULTS, DEMO_STAGES, prepare
 from tether.recipes.pipeline import PipelineBase, Stage, finished, prefixed_fields, run_stage
 from tether.report import read_jsonl
+from tether.runfiles import strict_json, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -49,19 +50,23 @@ FRONTIER_DEFAULTS = {**DEMO_DEFAULTS, "ppo_eval_every": 20, "dpo_eval_every": 21
 class FrontierBase(PipelineBase):
     out: str = opt("runs/frontier", "run directory: data/, sft/, rm/, one directory per sweep point, frontier.*")
     model: str = opt("", "base model (default: tasks.reviews.build_base(), built once and cached)")
-    task: str = opt("reviews", "the embedded task: data, held-out prompts and the gold reward")
+    task: str = opt("reviews", "the embedded task: data, held-out prompts and the gold reward (reviews only: its "
+                               "data, raters and gold reward)", check=one_of("reviews"))
     stages: str = opt("ppo,dpo,bon", "methods to sweep (comma list of ppo, dpo, bon, odpo)")
-    betas_ppo: list[float] = opt([0.01, 0.05, 0.2], "PPO KL coefficients β, one run each")
-    betas_dpo: list[float] = opt([0.02, 0.1, 0.3], "DPO β values, one run each")
-    betas_odpo: list[float] = opt([0.1], "online DPO β values (method odpo: opt in with stages=...,odpo)")
-    odpo_rounds: int = opt(4, "online DPO rounds (odpo)")
-    odpo_pairs_per_round: int = opt(256, "online DPO prompts per round, labelled by the simulated raters (odpo)")
-    bon_ns: list[int] = opt([1, 2, 4, 8, 16], "best-of-n values (samples per prompt: the largest)")
-    n_sft: int = opt(2000, "demonstrations written for SFT")
-    n_pairs: int = opt(2000, "pairs labelled by the simulated raters (the RM's and DPO's data when n_rankings=0)")
-    n_rankings: int = opt(1000, "4-way rankings by the simulated raters: the RM's and DPO's data")
+    betas_ppo: list[float] = opt([0.01, 0.05, 0.2], "PPO KL coefficients β, one run each", check=at_least(0))
+    betas_dpo: list[float] = opt([0.02, 0.1, 0.3], "DPO β values, one run each", check=above(0))
+    betas_odpo: list[float] = opt([0.1], "online DPO β values (method odpo: opt in with stages=...,odpo)",
+                                  check=above(0))
+    odpo_rounds: int = opt(4, "online DPO rounds (odpo)", check=at_least(1))
+    odpo_pairs_per_round: int = opt(256, "online DPO prompts per round, labelled by the simulated raters (odpo)",
+                                    check=at_least(1))
+    bon_ns: list[int] = opt([1, 2, 4, 8, 16], "best-of-n values (samples per prompt: the largest)", check=at_least(1))
+    n_sft: int = opt(2000, "demonstrations written for SFT", check=at_least(0))
+    n_pairs: int = opt(2000, "pairs labelled by the simulated raters (the RM's and DPO's data when n_rankings=0)",
+                       check=at_least(0))
+    n_rankings: int = opt(1000, "4-way rankings by the simulated raters: the RM's and DPO's data", check=at_least(0))
     n_test_pairs: int = opt(4000, "held-out comparisons on the test prompts: the reward model's evaluation set "
-                                  "(4,000: a standard error of 0.007 on its accuracy)")
+                                  "(4,000: a standard error of 0.007 on its accuracy)", check=at_least(0))
 
     def methods(self) -> list[str]:
         return [s.strip() for s in self.stages.split(",") if s.strip()]
@@ -70,8 +75,6 @@ class FrontierBase(PipelineBase):
         unknown = [m for m in self.methods() if m not in METHODS]
         if unknown:
             raise ConfigError(f"key 'stages': unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
-        if self.task != "reviews":
-            raise ConfigError("eval frontier runs on the reviews task (its data, raters and gold reward)")
 
     def sweep(self) -> dict[str, tuple[str, dict]]:
         """Run name -> (method, overrides of its stage) of every PPO, DPO and online-DPO sweep point."""
@@ -254,5 +257,5 @@ def run(cfg) -> dict:
     print(text)
     summary = {"points": len(points), "csv": str(out / "frontier.csv"), "plot": str(out / "frontier.png"),
                "dominance": segments}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_atomic(out / "summary.json", strict_json(summary, indent=2) + "\n")
     return summary

@@ -30,8 +30,16 @@ from dataclasses import dataclass
 import torch
 
 from tether.advantages import ADVANTAGE_ESTIMATORS, kl_penalized_rewards
-from tether.config import ConfigError, opt
-from tether.engine import CheckpointFields, Engine, ModelFields, OptimizerFields, RunFields, step_indices
+from tether.config import ConfigError, above, at_least, one_of, opt
+from tether.engine import (
+    SCHEDULES,
+    CheckpointFields,
+    Engine,
+    ModelFields,
+    OptimizerFields,
+    RunFields,
+    step_indices,
+)
 from tether.evaluate import evaluate_policy
 from tether.forward import response_outputs
 from tether.generation import Rollout, sample_records
@@ -42,6 +50,7 @@ from tether.prompts import load_prompts, load_task
 from tether.reference import ReferencePolicy
 from tether.rewards import FunctionReward, RewardSource
 from tether.rewards.format import soft_overlong_penalty
+from tether.tasks import TASKS
 
 log = logging.getLogger(__name__)
 
@@ -49,44 +58,39 @@ log = logging.getLogger(__name__)
 @dataclass
 class GRPOConfig(ModelFields, CheckpointFields, OptimizerFields, RunFields):
     model: str = opt("", "policy to train (default: the task's base model, built if missing)")
-    task: str = opt("arithmetic", "embedded task giving prompts and the verifier: arithmetic | reviews | none")
+    task: str = opt("arithmetic", "embedded task giving prompts and the verifier: arithmetic | reviews | none",
+                    check=one_of("", "none", *TASKS))
     base_seed: int = opt(0, "seed of the task's base-model build when `model` is empty (a separate axis from `seed`)")
     prompts: str = opt("", "training prompts with answers/tests (verifiable records); default: the task's")
     eval_prompts: str = opt("", "held-out prompts (default: the task's test split)")
     rewards: str = opt("task", "comma list of reward specs: task, math, format, code, python:mod:fn, rm:DIR")
     reward_weights: str = opt("", "comma list of weights, one per reward (default: all 1)")
-    estimator: str = opt("grpo", "advantage estimator: grpo | dr_grpo | rloo | reinforce_pp")
+    estimator: str = opt("grpo", "advantage estimator: grpo | dr_grpo | rloo | reinforce_pp",
+                         check=one_of(*sorted(ADVANTAGE_ESTIMATORS)))
     aggregation: str = opt("seq-mean-token-mean", "loss aggregation: token-mean | seq-mean-token-mean | "
-                           "seq-mean-token-sum-norm")
-    group_size: int = opt(8, "samples per prompt (G)")
-    prompts_per_step: int = opt(16, "prompts per optimizer step")
-    max_new_tokens: int = opt(8, "generation budget per response")
-    temperature: float = opt(1.0, "sampling temperature (log-probs use logits / T)")
-    beta: float = opt(0.04, "KL-in-loss coefficient (k3); 0 = no reference model loaded")
-    clip_low: float = opt(0.2, "PPO clip ε (lower)")
-    clip_high: float = opt(0.2, "PPO clip upper ε (DAPO clip-higher: 0.28)")
-    ppo_epochs: int = opt(1, "passes over each batch (1: the ratio is 1 and the loss is the policy gradient)")
+                           "seq-mean-token-sum-norm", check=one_of(*sorted(AGGREGATIONS)))
+    group_size: int = opt(8, "samples per prompt (G; group baselines need two)", check=at_least(2))
+    prompts_per_step: int = opt(16, "prompts per optimizer step", check=at_least(1))
+    max_new_tokens: int = opt(8, "generation budget per response", check=at_least(1))
+    temperature: float = opt(1.0, "sampling temperature (log-probs use logits / T)", check=above(0))
+    beta: float = opt(0.04, "KL-in-loss coefficient (k3); 0 = no reference model loaded", check=at_least(0))
+    clip_low: float = opt(0.2, "PPO clip ε (lower)", check=above(0))
+    clip_high: float = opt(0.2, "PPO clip upper ε (DAPO clip-higher: 0.28)", check=above(0))
+    ppo_epochs: int = opt(1, "passes over each batch (1: the ratio is 1 and the loss is the policy gradient)",
+                          check=at_least(1))
     dynamic_sampling: bool = opt(False, "drop groups whose scores are all equal and refill them (DAPO)")
-    max_refills: int = opt(4, "extra sampling rounds per step for dynamic sampling")
-    overlong_cache: int = opt(0, "DAPO soft overlong penalty window Lc in tokens (0 = off)")
-    n_train_prompts: int = opt(4000, "task prompts in the training pool")
-    n_eval_prompts: int = opt(200, "held-out prompts for accuracy_start / accuracy_end")
-    eval_every: int = opt(0, "held-out greedy accuracy every N steps (0 = start and end only)")
-    lr: float = opt(1e-4, "peak learning rate (AdamW)")
-    lr_schedule: str = opt("constant", "learning-rate schedule after warmup")
-    max_steps: int = opt(150, "optimizer steps")
-    batch_size: int = opt(64, "rows per forward/backward micro-batch")
+    max_refills: int = opt(4, "extra sampling rounds per step for dynamic sampling", check=at_least(0))
+    overlong_cache: int = opt(0, "DAPO soft overlong penalty window Lc in tokens (0 = off)", check=at_least(0))
+    n_train_prompts: int = opt(4000, "task prompts in the training pool", check=at_least(1))
+    n_eval_prompts: int = opt(200, "held-out prompts for accuracy_start / accuracy_end", check=at_least(1))
+    eval_every: int = opt(0, "held-out greedy accuracy every N steps (0 = start and end only)", check=at_least(0))
+    lr: float = opt(1e-4, "peak learning rate (AdamW)", check=above(0))
+    lr_schedule: str = opt("constant", "learning-rate schedule after warmup", check=one_of(*SCHEDULES))
+    max_steps: int = opt(150, "optimizer steps", check=at_least(1))
+    batch_size: int = opt(64, "rows per forward/backward micro-batch", check=at_least(1))
 
     def validate(self) -> None:
         super().validate()
-        if self.estimator not in ADVANTAGE_ESTIMATORS:
-            raise ConfigError(f"key 'estimator' must be one of {sorted(ADVANTAGE_ESTIMATORS)}, got {self.estimator!r}")
-        if self.aggregation not in AGGREGATIONS:
-            raise ConfigError(f"key 'aggregation' must be one of {sorted(AGGREGATIONS)}, got {self.aggregation!r}")
-        if self.batch_size < 1:
-            raise ConfigError(f"key 'batch_size' must be >= 1, got {self.batch_size}")
-        if self.group_size < 2:
-            raise ConfigError("key 'group_size' must be >= 2 (group baselines need two samples)")
 
 
 def build_rewards(cfg: GRPOConfig, task) -> list[tuple[str, RewardSource, float]]:
@@ -244,9 +248,13 @@ def run(cfg: GRPOConfig) -> dict:
                         kind="verifiable")
     held = load_prompts(cfg.eval_prompts, task, "test", cfg.n_eval_prompts, cfg.seed, key="eval_prompts")
     model, _, _ = engine.setup(model, cfg.max_steps)
-    start, _ = engine.resume()
+    start, extra = engine.resume()
     policy = engine.unwrap(model)
-    accuracy_start = greedy_accuracy(policy, tokenizer, task, held, cfg) if task else float("nan")
+    if "accuracy_start" in extra:  # measured on the starting policy before the interruption, not on the checkpoint's
+        accuracy_start = extra["accuracy_start"]
+    else:
+        accuracy_start = greedy_accuracy(policy, tokenizer, task, held, cfg) if task else float("nan")
+    state = {"accuracy_start": accuracy_start}
     log.info("grpo: held-out greedy accuracy at start %.3f", accuracy_start)
     estimator = ADVANTAGE_ESTIMATORS[cfg.estimator]
     metrics: dict = {}
@@ -264,10 +272,10 @@ def run(cfg: GRPOConfig) -> dict:
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and task is not None:
             metrics["accuracy"] = greedy_accuracy(policy, tokenizer, task, held, cfg)
         engine.log(step, metrics)
-        engine.maybe_checkpoint(step)
+        engine.maybe_checkpoint(step, extra=state)
 
     accuracy_end = greedy_accuracy(policy, tokenizer, task, held, cfg) if task else float("nan")
-    engine.save_checkpoint(cfg.max_steps)
+    engine.save_checkpoint(cfg.max_steps, extra=state)
     engine.save_model(model, tokenizer)
     return engine.finish({
         "accuracy_start": accuracy_start, "accuracy_end": accuracy_end, "kl_end": metrics.get("kl", float("nan")),

@@ -12,7 +12,7 @@ Each round r (the loss, training and held-out keys — loss, beta, lr, batch_siz
    higher score is chosen. A response that ended (EOS) beats one that did not; pairs where neither ended, the two
    texts are equal or the scores tie are dropped;
 3. reference log-probs of the new pairs under the FIXED reference — the starting policy (a frozen copy, or with LoRA
-   its base with adapters off) — once per round, cached in rounds/round-R/reference_logps.pt;
+   its base with adapters off) — once per round, cached in rounds/round-R/ (keyed: dpo.reference_key);
 4. train `epochs` passes over the round's pairs (`max_steps` > 0: that many steps per round) with dpo.train_step;
    then, with a task, gold reward and KL on held-out prompts (evals.jsonl) and label statistics (rounds.jsonl).
 Every round's pairs are kept (rounds/round-R/pairs.jsonl), so a resumed run trains on exactly the pairs it sampled.
@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from tether import data as D
-from tether.config import ConfigError, opt
+from tether.config import ConfigError, above, at_least, opt
 from tether.engine import Engine, TrainConfig, steps_for
 from tether.evaluate import append_eval
 from tether.generation import sample_records
@@ -51,22 +51,24 @@ from tether.recipes.dpo import (
     train_step,
 )
 from tether.reference import ReferencePolicy
+from tether.runfiles import strict_json
 
 
 @dataclass
 class OnlineDPOConfig(HeldOutFields, PreferenceFields, TrainConfig):
     model: str = opt("", "policy to train, usually the SFT model (also the reference; required)")
     prompts: str = opt("", "training prompts (default: the task's train split)")
-    rounds: int = opt(3, "rounds of sample -> label -> train")
-    pairs_per_round: int = opt(256, "prompts per round, two responses each")
+    rounds: int = opt(3, "rounds of sample -> label -> train", check=at_least(1))
+    pairs_per_round: int = opt(256, "prompts per round, two responses each", check=at_least(1))
     label_source: str = opt("raters", "raters (the task's simulated raters) | gold | rm:DIR | python:mod:fn")
-    label_tau: float = opt(1.0, "raters: Bradley-Terry noise τ of the simulated raters")
-    temperature: float = opt(1.0, "sampling temperature of the pairs")
-    lr: float = opt(5e-6, "peak learning rate (AdamW)")
+    label_tau: float = opt(1.0, "raters: Bradley-Terry noise τ of the simulated raters", check=above(0))
+    temperature: float = opt(1.0, "sampling temperature of the pairs (> 0: two greedy responses are equal)",
+                             check=above(0))
+    lr: float = opt(5e-6, "peak learning rate (AdamW)", check=above(0))
 
     def validate(self) -> None:
         super().validate()
-        if self.loss not in PREFERENCE_LOSSES or not PREFERENCE_LOSSES[self.loss].paired:
+        if not PREFERENCE_LOSSES[self.loss].paired:  # `loss` is one of PREFERENCE_LOSSES (its declared check)
             paired = sorted(k for k, v in PREFERENCE_LOSSES.items() if v.paired)
             raise ConfigError(f"key 'loss': online DPO samples pairs; choose one of {paired}, got {self.loss!r}")
         if not self.model:
@@ -149,9 +151,8 @@ def round_prompts(prompts: list[dict], r: int, n: int) -> list[dict]:
 def prepare_round(cfg, engine: Engine, policy, reference, tokenizer, labeler, task, prompts, r: int, spec):
     """Sample + label round r (or read the pairs a previous run sampled), encode, reference log-probs (cached)."""
     round_dir = engine.run_dir / "rounds" / f"round-{r}"
-    path, cache = round_dir / "pairs.jsonl", round_dir / "reference_logps.pt"
+    path = round_dir / "pairs.jsonl"
     if engine.is_main and not (cfg.resume and path.exists()):  # one sampler; every process reads its pairs
-        cache.unlink(missing_ok=True)  # a cache from an earlier run in this directory belongs to other pairs
         records = round_prompts(prompts, r, cfg.pairs_per_round)
         generator = torch.Generator(engine.device).manual_seed(engine.seed * 1_000_003 + r)
         groups = sample_records(policy, tokenizer, records, 2, max_new_tokens=cfg.max_new_tokens,
@@ -164,11 +165,11 @@ def prepare_round(cfg, engine: Engine, policy, reference, tokenizer, labeler, ta
             raise RuntimeError(f"online DPO round {r}: no usable pair among {len(groups)} samples (see docstring)")
         D.write_jsonl(path, pairs)
         with (engine.run_dir / "rounds.jsonl").open("w" if r == 0 else "a") as f:
-            f.write(json.dumps({"round": r, **round_stats(groups, pairs, task)}) + "\n")
+            f.write(strict_json({"round": r, **round_stats(groups, pairs, task)}) + "\n")
     engine.accelerator.wait_for_everyone()
     examples = encode(cfg, tokenizer, True, str(path))
     ref = reference_logps(engine, reference, examples, cfg, spec, tokenizer.pad_token_id,
-                          cache) if spec.needs_reference else None
+                          round_dir) if spec.needs_reference else None
     return examples, ref
 
 

@@ -33,7 +33,8 @@ import typing
 from dataclasses import dataclass
 from pathlib import Path
 
-from tether.config import ConfigError, load_config, opt
+from tether.config import ConfigError, at_least, load_config, one_of, opt
+from tether.tasks import TASKS
 
 log = logging.getLogger(__name__)
 
@@ -56,16 +57,17 @@ STAGES: dict[str, Stage] = {
     "rm": Stage("rm", "tether.recipes.reward", "RewardConfig"),
     "ppo": Stage("ppo", "tether.recipes.ppo", "PPOConfig"),
 }
-SHARED = ("out", "seed", "progress", "resume")  # set by the pipeline for every stage, not prefixed
+SHARED = ("out", "seed", "progress", "resume", "resume_changed", "overwrite")  # set by the pipeline, not prefixed
 
 
 @dataclass
 class PipelineBase:
     out: str = opt("runs/pipeline", "run directory; each stage writes into out/<stage>")
     model: str = opt("", "base model directory SFT starts from (required when the sft stage runs)")
-    task: str = opt("", "embedded task (reviews, arithmetic): gold reward for rm eval and PPO, PPO prompts")
+    task: str = opt("", "embedded task (reviews, arithmetic): gold reward for rm eval and PPO, PPO prompts",
+                    check=one_of("", *TASKS))
     stages: str = opt("sft,rm,ppo", "stages to run, in order (comma list)")
-    seed: int = opt(0, "random seed of every stage")
+    seed: int = opt(0, "random seed of every stage", check=at_least(0))
     base_seed: int = opt(0, "seed of the task's base-model build when `model` is empty (a separate axis from `seed`)")
     progress: bool = opt(True, "show progress bars")
 
@@ -95,13 +97,15 @@ def prefixed_fields(stages: dict[str, Stage], defaults: dict | None = None) -> l
             if f.name in SHARED:
                 continue
             name = f"{stage.prefix}_{f.name}"
-            help_text = f"{stage.prefix}: {f.metadata.get('help', '')}"
+            # the copy keeps the stage field's allowed range, so a bad <prefix>_<key> fails at load naming that key
+            metadata = {"help": f"{stage.prefix}: {f.metadata.get('help', '')}",
+                        "derived": f.metadata.get("derived", False), "check": f.metadata.get("check")}
             if name in defaults:
-                new = dataclasses.field(default=defaults[name], metadata={"help": help_text})
+                new = dataclasses.field(default=defaults[name], metadata=metadata)
             elif f.default_factory is not dataclasses.MISSING:
-                new = dataclasses.field(default_factory=f.default_factory, metadata={"help": help_text})
+                new = dataclasses.field(default_factory=f.default_factory, metadata=metadata)
             else:
-                new = dataclasses.field(default=f.default, metadata={"help": help_text})
+                new = dataclasses.field(default=f.default, metadata=metadata)
             out.append((name, hints[f.name], new))
     return out
 
@@ -158,8 +162,9 @@ def run_stage(cfg, name: str, overrides: dict | None = None) -> dict:
     known = {f.name for f in dataclasses.fields(cls)}  # recipes sharing a prefix (dpo, dpo online) differ in keys
     settings = {k: v for k, v in wire(cfg, name, stage_settings(cfg, stage.prefix)).items() if k in known}
     settings.update(overrides or {})
-    settings.update(out=str(run_dir), seed=cfg.seed, progress=cfg.progress,
-                    resume=any((run_dir / "checkpoints").glob("step-*/tether_state.json")))
+    resume = any((run_dir / "checkpoints").glob("step-*/tether_state.json"))
+    # a stage that stopped before its first checkpoint has nothing to continue: it starts again in its directory
+    settings.update(out=str(run_dir), seed=cfg.seed, progress=cfg.progress, resume=resume, overwrite=not resume)
     try:
         stage_cfg = load_config(cls, None, settings, recipe=name)
     except ConfigError as e:

@@ -43,8 +43,9 @@ import torch
 
 from tether import data as D
 from tether.advantages import gae, kl_penalized_rewards
-from tether.config import ConfigError, opt
+from tether.config import ConfigError, above, at_least, between, one_of, opt
 from tether.engine import (
+    SCHEDULES,
     CheckpointFields,
     Engine,
     ModelFields,
@@ -62,6 +63,7 @@ from tether.metrics import distinct_n, explained_variance, repetition_rate
 from tether.models import LoraSettings, load_causal_lm, load_reward_model, load_tokenizer
 from tether.prompts import load_prompts, load_task
 from tether.reference import ReferencePolicy
+from tether.tasks import TASKS
 
 log = logging.getLogger(__name__)
 
@@ -71,45 +73,56 @@ class PPOConfig(ModelFields, CheckpointFields, OptimizerFields, RunFields):
     model: str = opt("", "policy to train: the SFT model directory (also the reference policy; required)")
     reward: str = opt("", "reward spec: rm:DIR (a `tether rm` output), python:mod:fn, a built-in, or weighted sums")
     value_model: str = opt("", "value model init (default: the reward model of `reward` if it is rm:DIR, else `model`)")
-    task: str = opt("", "embedded task (reviews, arithmetic): prompts when `prompts` is empty, and its gold reward")
+    task: str = opt("", "embedded task (reviews, arithmetic): prompts when `prompts` is empty, and its gold reward",
+                    check=one_of("", "none", *TASKS))
     prompts: str = opt("", "training prompts: JSONL, Parquet or saved dataset of {prompt} or {messages}")
     eval_prompts: str = opt("", "held-out prompts (default: the task's test split, or n_eval_prompts held out)")
-    n_train_prompts: int = opt(2000, "training prompts drawn from the task (task only)")
-    n_eval_prompts: int = opt(64, "held-out prompts for the start/end evaluation")
-    eval_samples: int = opt(2, "samples per held-out prompt in evaluations")
-    eval_every: int = opt(0, "also evaluate every N steps, written to evals.jsonl (0 = only start and end)")
-    rollout_batch: int = opt(64, "prompts per PPO step (per process), one response each")
-    batch_size: int = opt(16, "rows per forward/backward in the update (micro-batch); accumulated to a minibatch")
-    max_prompt_len: int = opt(64, "prompt tokens kept (cut from the left)")
-    max_new_tokens: int = opt(48, "response budget; a response without EOS by then gets missing_eos_penalty")
-    temperature: float = opt(1.0, "sampling temperature; log-probs for the loss come from logits / temperature")
+    n_train_prompts: int = opt(2000, "training prompts drawn from the task (task only)", check=at_least(1))
+    n_eval_prompts: int = opt(64, "held-out prompts for the start/end evaluation", check=at_least(1))
+    eval_samples: int = opt(2, "samples per held-out prompt in evaluations", check=at_least(1))
+    eval_every: int = opt(0, "also evaluate every N steps, written to evals.jsonl (0 = only start and end)",
+                          check=at_least(0))
+    rollout_batch: int = opt(64, "prompts per PPO step (per process), one response each", check=at_least(1))
+    batch_size: int = opt(16, "rows per forward/backward in the update (micro-batch); accumulated to a minibatch",
+                          check=at_least(1))
+    max_prompt_len: int = opt(64, "prompt tokens kept (cut from the left)", check=at_least(1))
+    max_new_tokens: int = opt(48, "response budget; a response without EOS by then gets missing_eos_penalty",
+                              check=at_least(1))
+    temperature: float = opt(1.0, "sampling temperature; log-probs for the loss come from logits / temperature",
+                             check=above(0))
     missing_eos_penalty: float | None = opt(-1.0, "score of a response without EOS (none = keep the reward's score)")
-    kl_coef: float = opt(0.05, "β of the KL penalty (initial β for adaptive controllers); 0 = no tether")
-    kl_estimator: str = opt("k1", "per-token KL estimator in the reward (k1 | k2 | k3); k3 or k2 with kl_in_loss")
-    kl_controller: str = opt("fixed", "β controller: fixed | adaptive (Ziegler) | uncertainty (reward ensemble std)")
-    kl_target: float = opt(6.0, "adaptive: target sequence KL in nats")
-    kl_horizon: int = opt(10000, "adaptive: horizon in episodes")
-    kl_uncertainty_coef: float = opt(1.0, "uncertainty: β = β0·(1 + c·(σ/σ_first − 1)), clamped to [0, kl_max]")
-    kl_max: float = opt(1.0, "uncertainty: upper bound of β")
+    kl_coef: float = opt(0.05, "β of the KL penalty (initial β for adaptive controllers); 0 = no tether",
+                         check=at_least(0))
+    kl_estimator: str = opt("k1", "per-token KL estimator in the reward (k1 | k2 | k3); k3 or k2 with kl_in_loss",
+                            check=one_of(*sorted(KL_ESTIMATORS)))
+    kl_controller: str = opt("fixed", "β controller: fixed | adaptive (Ziegler) | uncertainty (reward ensemble std)",
+                             check=one_of("adaptive", "fixed", "uncertainty"))  # the keys of CONTROLLERS below
+    kl_target: float = opt(6.0, "adaptive: target sequence KL in nats", check=above(0))
+    kl_horizon: int = opt(10000, "adaptive: horizon in episodes", check=at_least(1))
+    kl_uncertainty_coef: float = opt(1.0, "uncertainty: β = β0·(1 + c·(σ/σ_first − 1)), clamped to [0, kl_max]",
+                                     check=at_least(0))
+    kl_max: float = opt(1.0, "uncertainty: upper bound of β", check=at_least(0))
     kl_in_loss: bool = opt(False, "put β·KL in the loss (GRPO style) instead of the reward")
-    gamma: float = opt(1.0, "GAE discount γ")
-    lam: float = opt(0.95, "GAE λ")
+    gamma: float = opt(1.0, "GAE discount γ", check=between(0, 1))
+    lam: float = opt(0.95, "GAE λ", check=between(0, 1))
     whiten_rewards: bool = opt(False, "whiten per-token rewards over the batch (N+: off, it shortens outputs)")
-    cliprange: float = opt(0.2, "PPO ratio clip ε")
-    cliprange_value: float = opt(0.2, "value clip ε_v around the rollout's values")
-    vf_coef: float = opt(0.1, "weight of the value loss")
-    ent_coef: float = opt(0.0, "weight of the entropy bonus")
-    ppo_epochs: int = opt(4, "passes over each rollout batch")
-    num_minibatches: int = opt(4, "minibatches per pass (one optimizer step each)")
-    ptx_coef: float = opt(0.0, "γ_ptx: weight of the NLL on `ptx_data` added to the loss (InstructGPT PPO-ptx)")
+    cliprange: float = opt(0.2, "PPO ratio clip ε", check=above(0))
+    cliprange_value: float = opt(0.2, "value clip ε_v around the rollout's values", check=above(0))
+    vf_coef: float = opt(0.1, "weight of the value loss", check=at_least(0))
+    ent_coef: float = opt(0.0, "weight of the entropy bonus", check=at_least(0))
+    ppo_epochs: int = opt(4, "passes over each rollout batch", check=at_least(1))
+    num_minibatches: int = opt(4, "minibatches per pass (one optimizer step each)", check=at_least(1))
+    ptx_coef: float = opt(0.0, "γ_ptx: weight of the NLL on `ptx_data` added to the loss (InstructGPT PPO-ptx)",
+                          check=at_least(0))
     ptx_data: str = opt("", "demonstrations for the ptx term ({prompt, completion} or {messages})")
     share_reference: bool = opt(True, "with LoRA, the reference is the base with adapters off (one copy of weights)")
-    reward_batch_size: int = opt(64, "sequences per reward-model forward")
-    lr: float = opt(1e-5, "peak learning rate (AdamW) of policy and value")
-    adam_eps: float = opt(1e-5, "AdamW epsilon (N+: 1e-5)")
-    lr_schedule: str = opt("constant", "learning-rate schedule after warmup: constant | linear | cosine")
-    max_steps: int = opt(100, "PPO steps (rollout batches); 0 = `epochs` passes over the prompts")
-    epochs: float = opt(1.0, "passes over the training prompts when max_steps is 0")
+    reward_batch_size: int = opt(64, "sequences per reward-model forward", check=at_least(1))
+    lr: float = opt(1e-5, "peak learning rate (AdamW) of policy and value", check=above(0))
+    adam_eps: float = opt(1e-5, "AdamW epsilon (N+: 1e-5)", check=above(0))
+    lr_schedule: str = opt("constant", "learning-rate schedule after warmup: constant | linear | cosine",
+                           check=one_of(*SCHEDULES))
+    max_steps: int = opt(100, "PPO steps (rollout batches); 0 = `epochs` passes over the prompts", check=at_least(0))
+    epochs: float = opt(1.0, "passes over the training prompts when max_steps is 0", check=above(0))
 
     def validate(self) -> None:
         super().validate()
@@ -117,19 +130,11 @@ class PPOConfig(ModelFields, CheckpointFields, OptimizerFields, RunFields):
             raise ConfigError("ppo needs model=DIR and reward=SPEC (e.g. reward=rm:runs/rm)")
         if not (self.prompts or self.task):
             raise ConfigError("ppo needs prompts=FILE or task=NAME")
-        if self.kl_estimator not in KL_ESTIMATORS:
-            raise ConfigError(f"key 'kl_estimator' must be one of {sorted(KL_ESTIMATORS)}, got {self.kl_estimator!r}")
-        if self.kl_controller not in CONTROLLERS:
-            raise ConfigError(f"key 'kl_controller' must be one of {sorted(CONTROLLERS)}, got {self.kl_controller!r}")
         if self.kl_in_loss and self.kl_estimator == "k1":
             raise ConfigError("kl_in_loss=true needs kl_estimator=k3 or k2: k1 as a loss has zero expected gradient")
-        if self.batch_size < 1:
-            raise ConfigError(f"key 'batch_size' must be >= 1, got {self.batch_size}")
         if self.rollout_batch % self.num_minibatches:
             raise ConfigError(f"rollout_batch ({self.rollout_batch}) must be a multiple of num_minibatches "
                               f"({self.num_minibatches})")
-        if self.temperature <= 0:
-            raise ConfigError("PPO samples: temperature must be > 0")
         if self.lora_dropout:
             raise ConfigError("PPO needs dropout off (N+): set lora_dropout=0")
         if self.ptx_coef and not self.ptx_data:

@@ -42,8 +42,8 @@ from pathlib import Path
 import torch
 
 from tether import data as D
-from tether.config import ConfigError, opt
-from tether.engine import Engine, TrainConfig, steps_for
+from tether.config import ConfigError, above, at_least, between, one_of, opt
+from tether.engine import SCHEDULES, Engine, TrainConfig, steps_for
 from tether.forward import reward_scores
 from tether.losses import bradley_terry_loss, ranking_loss
 from tether.models import LoraSettings, load_reward_model, load_tokenizer
@@ -56,6 +56,7 @@ from tether.recipes.reward_eval import (
     load_task,
 )
 from tether.rewards.learned import score_sequences
+from tether.tasks import TASKS
 from tether.wrappers import hf_model
 
 log = logging.getLogger(__name__)
@@ -65,36 +66,37 @@ log = logging.getLogger(__name__)
 class RewardConfig(TrainConfig):
     model: str = opt("", "causal-LM (usually the SFT model) or reward-model directory to start from (required)")
     data: str = opt("", "comparisons: pairs or rankings (JSONL, Parquet or saved dataset; required)")
-    data_kind: str = opt("auto", "pairs | rankings | auto (rankings if the first record has 'completions')")
+    data_kind: str = opt("auto", "pairs | rankings | auto (rankings if the first record has 'completions')",
+                         check=one_of("auto", *COMPARISON_KINDS))
     eval_data: str = opt("", "held-out comparisons (default: hold out eval_fraction of data)")
-    eval_fraction: float = opt(0.1, "share of `data` held out for evaluation when eval_data is empty")
-    eval_every: int = opt(0, "evaluate every N steps (0 = only at the end)")
-    task: str = opt("", "embedded task the data comes from (reviews): report agreement with its gold reward")
-    max_prompt_len: int = opt(256, "prompt tokens kept (cut from the left)")
-    max_completion_len: int = opt(256, "completion tokens kept (cut from the right)")
-    label_smoothing: float = opt(0.0, "label smoothing ε of the Bradley-Terry loss (pairs only)")
+    eval_fraction: float = opt(0.1, "share of `data` held out for evaluation when eval_data is empty",
+                               check=between(0, 1, high_open=True))
+    eval_every: int = opt(0, "evaluate every N steps (0 = only at the end)", check=at_least(0))
+    task: str = opt("", "embedded task the data comes from (reviews): report agreement with its gold reward",
+                    check=one_of("", *TASKS))
+    max_prompt_len: int = opt(256, "prompt tokens kept (cut from the left)", check=at_least(1))
+    max_completion_len: int = opt(256, "completion tokens kept (cut from the right)", check=at_least(1))
+    label_smoothing: float = opt(0.0, "label smoothing ε of the Bradley-Terry loss (pairs only)",
+                                 check=between(0, 0.5, high_open=True))
     use_margin: bool = opt(True, "subtract a pair's `margin` field inside the sigmoid (Llama 2)")
     normalize: bool = opt(True, "shift rewards so the reference responses score mean 0")
     normalize_scale: bool = opt(False, "also scale rewards so the reference responses have std 1")
     normalize_data: str = opt("", "reference prompt/completion records (default: the training comparisons' completions)")
-    normalize_max: int = opt(2000, "at most this many reference responses are scored")
-    ensemble: int = opt(1, "train K reward models with seeds seed..seed+K-1 (uncertainty = their std)")
-    eval_batch_size: int = opt(32, "sequences per forward when scoring")
+    normalize_max: int = opt(2000, "at most this many reference responses are scored", check=at_least(1))
+    ensemble: int = opt(1, "train K reward models with seeds seed..seed+K-1 (uncertainty = their std)",
+                        check=at_least(1))
+    eval_batch_size: int = opt(32, "sequences per forward when scoring", check=at_least(1))
     skip_invalid: bool = opt(False, "skip invalid records (reported) instead of stopping at the first")
-    lr: float = opt(1e-4, "peak learning rate (AdamW)")
-    lr_schedule: str = opt("cosine", "learning-rate schedule after warmup: constant | linear | cosine")
-    min_lr_ratio: float = opt(0.1, "final lr as a fraction of the peak (InstructGPT RM: cosine to 0.1)")
+    lr: float = opt(1e-4, "peak learning rate (AdamW)", check=above(0))
+    lr_schedule: str = opt("cosine", "learning-rate schedule after warmup: constant | linear | cosine",
+                           check=one_of(*SCHEDULES))
+    min_lr_ratio: float = opt(0.1, "final lr as a fraction of the peak (InstructGPT RM: cosine to 0.1)",
+                              check=between(0, 1))
 
     def validate(self) -> None:
         super().validate()
         if not self.model or not self.data:
             raise ConfigError("rm needs model=DIR and data=FILE")
-        if self.data_kind not in ("auto", *COMPARISON_KINDS):
-            raise ConfigError(f"key 'data_kind' must be auto | pairs | rankings, got {self.data_kind!r}")
-        if not 0.0 <= self.label_smoothing < 0.5:
-            raise ConfigError(f"key 'label_smoothing' must be in [0, 0.5), got {self.label_smoothing}")
-        if self.ensemble < 1:
-            raise ConfigError(f"key 'ensemble' must be >= 1, got {self.ensemble}")
 
 
 # --- the loss of one micro-batch, by data kind ------------------------------------------------------------------------

@@ -34,11 +34,12 @@ import torch
 import torch.nn.functional as F
 
 from tether import data as D
-from tether.config import ConfigError, opt
+from tether.config import ConfigError, at_least, one_of, opt
 from tether.forward import normalized
 from tether.metrics import expected_calibration_error
 from tether.models import load_reward_model, load_tokenizer
 from tether.rewards.learned import reward_model_dirs, score_sequences
+from tether.tasks import TASKS
 from tether.wrappers import hf_model
 
 log = logging.getLogger(__name__)
@@ -48,21 +49,22 @@ log = logging.getLogger(__name__)
 class RMEvalConfig:
     model: str = opt("", "reward model: a `tether rm` run dir, a model dir or an ensemble dir (required)")
     data: str = opt("", "held-out comparisons: pairs or rankings (JSONL, Parquet or saved dataset; required)")
-    data_kind: str = opt("auto", "pairs | rankings | auto (rankings if the first record has 'completions')")
-    task: str = opt("", "embedded task with a gold reward (reviews): report agreement with the gold ranking")
+    data_kind: str = opt("auto", "pairs | rankings | auto (rankings if the first record has 'completions')",
+                         check=one_of("auto", "pairs", "rankings"))  # "auto" and the keys of COMPARISON_KINDS
+    task: str = opt("", "embedded task with a gold reward (reviews): report agreement with the gold ranking",
+                    check=one_of("", *TASKS))
     out: str = opt("", "output directory for summary.json (default runs/rm-eval-<timestamp>)")
-    batch_size: int = opt(32, "sequences per forward")
-    max_prompt_len: int = opt(0, "prompt tokens kept (0 = as in training, stored with the model)")
-    max_completion_len: int = opt(0, "completion tokens kept (0 = as in training, stored with the model)")
-    length_buckets: int = opt(4, "completion-length buckets (quantiles) for the length-bias report")
+    batch_size: int = opt(32, "sequences per forward", check=at_least(1))
+    max_prompt_len: int = opt(0, "prompt tokens kept (0 = as in training, stored with the model)", check=at_least(0))
+    max_completion_len: int = opt(0, "completion tokens kept (0 = as in training, stored with the model)",
+                                  check=at_least(0))
+    length_buckets: int = opt(4, "completion-length buckets (quantiles) for the length-bias report", check=at_least(1))
     device: str = opt("", "cpu | cuda | ... (default: cuda when available)")
     skip_invalid: bool = opt(False, "skip invalid records (reported) instead of stopping at the first")
 
     def validate(self) -> None:
         if not self.model or not self.data:
             raise ConfigError("rm eval needs model=DIR and data=FILE")
-        if self.data_kind not in ("auto", *COMPARISON_KINDS):
-            raise ConfigError(f"key 'data_kind' must be auto | pairs | rankings, got {self.data_kind!r}")
 
 
 # --- comparisons: pairs and rankings, each element's sequences ordered best -> worst --------------------------------

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tether import data as D
-from tether.config import ConfigError, opt
+from tether.config import ConfigError, at_least, opt
 from tether.rewards.learned import LearnedReward
 
 
@@ -24,8 +24,8 @@ class RMScoreConfig:
     model: str = opt("", "reward model: a `tether rm` run dir, a model dir or an ensemble dir (required)")
     data: str = opt("", "prompt/completion records (JSONL, Parquet or saved dataset; required)")
     out: str = opt("", "output JSONL (default: <data stem>.scored.jsonl next to the data)")
-    batch_size: int = opt(32, "sequences per forward")
-    chunk: int = opt(1024, "records scored per call (bounds memory for big files)")
+    batch_size: int = opt(32, "sequences per forward", check=at_least(1))
+    chunk: int = opt(1024, "records scored per call (bounds memory for big files)", check=at_least(1))
     normalize: bool = opt(True, "apply the stored gain/bias (false: the raw head output)")
     device: str = opt("", "cpu | cuda | ... (default: cuda when available)")
     skip_invalid: bool = opt(False, "skip invalid records (reported) instead of stopping at the first")
@@ -33,8 +33,6 @@ class RMScoreConfig:
     def validate(self) -> None:
         if not self.model or not self.data:
             raise ConfigError("rm score needs model=DIR and data=FILE")
-        if self.batch_size < 1 or self.chunk < 1:
-            raise ConfigError("keys 'batch_size' and 'chunk' must be >= 1")
 
 
 def prompt_and_completion(record: dict) -> tuple:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from tether import data as D
-from tether.config import ConfigError, opt
+from tether.config import ConfigError, above, at_least, between, opt
 from tether.engine import Engine, TrainConfig, steps_for
 from tether.forward import completion_nll
 from tether.models import LoraSettings, load_causal_lm, load_tokenizer
@@ -28,13 +28,14 @@ class SFTConfig(TrainConfig):
     model: str = opt("", "Hugging Face model directory to fine-tune (required)")
     data: str = opt("", "demonstrations: JSONL, Parquet or saved dataset of {prompt, completion} or {messages}")
     eval_data: str = opt("", "held-out demonstrations (default: hold out eval_fraction of data)")
-    eval_fraction: float = opt(0.05, "share of `data` held out for eval_loss when eval_data is empty")
-    eval_every: int = opt(0, "evaluate every N steps (0 = only at the end)")
-    max_prompt_len: int = opt(256, "prompt tokens kept (cut from the left)")
-    max_completion_len: int = opt(256, "completion tokens kept (cut from the right)")
+    eval_fraction: float = opt(0.05, "share of `data` held out for eval_loss when eval_data is empty",
+                               check=between(0, 1, high_open=True))
+    eval_every: int = opt(0, "evaluate every N steps (0 = only at the end)", check=at_least(0))
+    max_prompt_len: int = opt(256, "prompt tokens kept (cut from the left)", check=at_least(1))
+    max_completion_len: int = opt(256, "completion tokens kept (cut from the right)", check=at_least(1))
     packing: bool = opt(False, "pack several examples per row (padding-free); see data.pack_examples")
     skip_invalid: bool = opt(False, "skip invalid records (reported) instead of stopping at the first")
-    lr: float = opt(1e-4, "peak learning rate (AdamW)")
+    lr: float = opt(1e-4, "peak learning rate (AdamW)", check=above(0))
 
     def validate(self) -> None:
         super().validate()
