@@ -154,19 +154,47 @@ def test_keep_checkpoints_zero_is_refused():
         load_config(SFTConfig, None, {"model": "m", "data": "d.jsonl", "keep_checkpoints": 0})
 
 
-def test_a_read_only_run_directory_is_one_line(workdir, tmp_path, capsys):
-    if os.geteuid() == 0:
-        pytest.skip("root writes into read-only directories")
+def test_a_read_only_run_directory_is_one_line(workdir, tmp_path, capsys, monkeypatch):
+    import errno
+
     out = tmp_path / "ro"
-    out.mkdir()
-    out.chmod(0o500)
-    try:
-        code = cli_main(["sft", f"model={workdir / 'model'}", f"data={workdir / 'demos.jsonl'}", f"out={out}",
-                         "max_steps=1", "progress=false"])
-    finally:
-        out.chmod(0o700)
+    real_open = open
+
+    def read_only(path, *a, **k):  # what a read-only mount answers (root ignores chmod, so it is injected)
+        if str(path).startswith(str(out)):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_open(path, *a, **k)
+
+    monkeypatch.setattr("builtins.open", read_only)
+    code = cli_main(["sft", f"model={workdir / 'model'}", f"data={workdir / 'demos.jsonl'}", f"out={out}",
+                     "max_steps=1", "progress=false"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and "cannot write" in err[0]
+    assert code == 2 and err == [f"tether sft: cannot write {out / '.lock'}: Read-only file system"]
+
+
+def test_two_processes_on_one_directory(workdir, tmp_path):
+    """A second `tether sft` into a directory a running one holds exits 2 at once, naming the first one's pid."""
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "r"
+    args = [sys.executable, "-m", "tether.cli", "sft", f"model={workdir / 'model'}",
+            f"data={workdir / 'demos.jsonl'}", f"out={out}", "progress=false", "eval_fraction=0", "batch_size=4"]
+    first = subprocess.Popen([*args, "max_steps=100000"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not (out / "metrics.jsonl").exists() and time.time() < deadline:  # the first run is training
+            time.sleep(0.2)
+        second = subprocess.run([*args, "max_steps=2", "overwrite=true"], capture_output=True, text=True,
+                                timeout=120)
+    finally:
+        first.kill()
+        first.wait()
+    assert second.returncode == 2
+    assert f"in use by pid {first.pid} (tether sft)" in second.stderr.strip().splitlines()[-1]
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines[:-1]] == list(range(len(lines) - 1))  # one run's lines only
 
 
 def test_a_full_disk_is_one_line(workdir, tmp_path, capsys, monkeypatch):
