@@ -1,5 +1,5 @@
 """The GRPO reward of the side-by-side benchmarks, in a file of its own so tether loads it by path
-(`rewards=python:benchmarks/bench_rewards.py:share_of_t3`) and TRL gets the same function object."""
+(`reward=python:benchmarks/bench_rewards.py:share_of_t3`) and TRL gets the same function object."""
 
 
 def share_of_t3(prompts, completions, *args, **kwargs) -> list[float]:

@@ -249,7 +249,7 @@ def run_tether(stage: str, a: Assets, s: Settings, out: Path) -> StepClock:
 
         cfg = GRPOConfig(model=str(a.grpo_dir), task="none", prompts=a.jsonl("prompts", a.prompts),
                          eval_prompts=a.jsonl("prompts", a.prompts),
-                         rewards=f"python:{REWARDS_FILE}:share_of_t3", group_size=s.group_size,
+                         reward=f"python:{REWARDS_FILE}:share_of_t3", group_size=s.group_size,
                          prompts_per_step=s.grpo_prompts, max_new_tokens=s.completion_len, temperature=1.0, beta=0.0,
                          aggregation="token-mean", batch_size=s.grpo_prompts * s.group_size, max_steps=s.grpo_steps,
                          **common)

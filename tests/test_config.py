@@ -244,3 +244,19 @@ def test_choices_spelled_out_match_the_tables_defined_below_their_config():
                             (reward_eval.RMEvalConfig, "data_kind", {"auto": 0, **reward_eval.COMPARISON_KINDS})]:
         check = cls.__dataclass_fields__[key].metadata["check"]
         assert all(check.ok(k) for k in table) and check.text == "one of " + " | ".join(sorted(table)), key
+
+
+def test_trl_key_names_are_read_as_tethers_and_noted_once(capsys):
+    from tether.recipes.dpo import DPOConfig
+
+    cfg = load_config(DPOConfig, None, ["model_name_or_path=m", "data=d.jsonl", "learning_rate=3e-6",
+                                        "per_device_train_batch_size=4", "gradient_accumulation_steps=2",
+                                        "output_dir=runs/x", "bf16=true", "num_train_epochs=2"])
+    assert (cfg.model, cfg.lr, cfg.batch_size, cfg.grad_accum, cfg.out, cfg.mixed_precision, cfg.epochs) == (
+        "m", 3e-6, 4, 2, "runs/x", "bf16", 2.0)
+    err = capsys.readouterr().err
+    assert "key 'learning_rate' is 'lr' here" in err and "key 'bf16' is 'mixed_precision' here" in err
+    load_config(DPOConfig, None, ["model=m", "data=d.jsonl", "learning_rate=1e-5"])
+    assert "learning_rate" not in capsys.readouterr().err  # once per process
+    with pytest.raises(ConfigError, match="max_prompt_len and max_completion_len"):
+        load_config(DPOConfig, None, ["model=m", "data=d.jsonl", "max_length=512"])

@@ -127,3 +127,35 @@ def test_decode_strips_eos_and_padding(lm):
     out.response_ids[0] = torch.tensor([6, 11, EOS, PAD, PAD])
     out.response_mask[0] = torch.tensor([1, 1, 1, 0, 0])
     assert decode_responses(tok, out)[0] == "the film"
+
+
+def test_a_row_ends_at_any_stop_id(lm):
+    """A chat model ends a turn with its end-of-turn token, not EOS: every id of the list stops a row."""
+    tok, model = lm
+    ps = prompts(tok)
+    free = sample(model, ps, 6, eos_token_id=EOS, pad_token_id=PAD, temperature=0)
+    second = [int(free.response_ids[i, 1]) for i in range(len(ps))]  # what greedy decoding says second
+    stopped = sample(model, ps, 6, eos_token_id=[EOS, *second], pad_token_id=PAD, temperature=0)
+    assert stopped.has_eos.all()
+    for i in range(len(ps)):
+        n = int(stopped.response_mask[i].sum())
+        ended = stopped.response_ids[i, :n].tolist()
+        assert ended == free.response_ids[i, :n].tolist() and ended[-1] in (EOS, *second) and n <= 2
+
+
+def test_stop_ids_take_the_end_of_turn_token_and_the_models_eos_list():
+    from tether.generation import stop_ids
+    from tether.testing import tiny_causal_lm, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }} {{ m['content'] }}<|im_end|> {% endfor %}"
+                         "{% if add_generation_prompt %}<|im_start|>assistant {% endif %}")
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert end != tok.eos_token_id
+    model = tiny_causal_lm(tok)
+    assert stop_ids(tok) == [tok.eos_token_id, end]
+    model.generation_config.eos_token_id = [tok.eos_token_id, 42]
+    assert stop_ids(tok, model) == [tok.eos_token_id, 42, end]
+    plain = tiny_tokenizer(chat_template=True)  # its template closes a turn with <eos> itself: nothing more
+    assert stop_ids(plain) == [plain.eos_token_id]

@@ -2,11 +2,12 @@
 groups with equal rewards, every reward function is logged on its own."""
 
 import json
+import math
 
 import pytest
 import torch
 
-from tether.config import load_config
+from tether.config import ConfigError, load_config
 from tether.recipes import grpo as G
 from tether.testing import save_tiny
 
@@ -32,7 +33,7 @@ def setup(tmp_path):
 
 def cfg_for(tmp, **kw):
     base = {"model": str(tmp / "m"), "task": "none", "prompts": str(tmp / "p.jsonl"),
-            "eval_prompts": str(tmp / "p.jsonl"), "rewards": LENGTH_REWARD, "out": str(tmp / "run"),
+            "eval_prompts": str(tmp / "p.jsonl"), "reward": LENGTH_REWARD, "out": str(tmp / "run"),
             "max_steps": 2, "prompts_per_step": 2, "group_size": 4, "max_new_tokens": 5, "batch_size": 4,
             "progress": False, "lr": 1e-2}
     return load_config(G.GRPOConfig, None, {**base, **kw})
@@ -63,19 +64,19 @@ def test_beta_zero_loads_no_reference(setup, monkeypatch):
 def test_informative_groups_and_dynamic_sampling(setup):
     scores = torch.tensor([1.0, 1.0, 1.0, 0.0, 2.0, 2.0])
     assert G.informative_groups(scores, 3).tolist() == [False, True]
-    summary = G.run(cfg_for(setup, rewards="python:tests.test_grpo:constant_reward", dynamic_sampling=True,
+    summary = G.run(cfg_for(setup, reward="python:tests.test_grpo:constant_reward", dynamic_sampling=True,
                             max_refills=1))  # every group uninformative: steps are skipped, not crashed
     lines = [json.loads(x) for x in (setup / "run" / "metrics.jsonl").read_text().splitlines()]
     assert all(x["groups_informative"] == 0.0 for x in lines) and summary["steps"] == 2
 
 
 def test_weights_and_several_rewards(setup):
-    G.run(cfg_for(setup, rewards=f"{LENGTH_REWARD},python:tests.test_grpo:constant_reward", reward_weights="1,0.5"))
+    G.run(cfg_for(setup, reward=f"{LENGTH_REWARD},python:tests.test_grpo:constant_reward", reward_weights="1,0.5"))
     line = json.loads((setup / "run" / "metrics.jsonl").read_text().splitlines()[0])
     assert line["score"] == pytest.approx(line[f"reward/{LENGTH_REWARD}"] + 0.5 * 1.0, abs=1e-5)
     with pytest.raises(Exception, match="reward_weights"):
-        cfg_for(setup, rewards=LENGTH_REWARD, reward_weights="1,2").validate() or G.build_rewards(
-            cfg_for(setup, rewards=LENGTH_REWARD, reward_weights="1,2"), None)
+        cfg_for(setup, reward=LENGTH_REWARD, reward_weights="1,2").validate() or G.build_rewards(
+            cfg_for(setup, reward=LENGTH_REWARD, reward_weights="1,2"), None)
 
 
 def logging_reward(prompts, completions, records):
@@ -98,8 +99,8 @@ def test_two_processes_draw_disjoint_prompts(setup):
     from tether.engine import step_indices
 
     log = setup / "prompts"
-    cfg = cfg_for(setup, rewards="python:tests.test_grpo:logging_reward", beta=0.0)
-    args = [f"{k}={getattr(cfg, k)}" for k in ("model", "task", "prompts", "eval_prompts", "rewards", "max_steps",
+    cfg = cfg_for(setup, reward="python:tests.test_grpo:logging_reward", beta=0.0)
+    args = [f"{k}={getattr(cfg, k)}" for k in ("model", "task", "prompts", "eval_prompts", "reward", "max_steps",
                                                 "prompts_per_step", "group_size", "max_new_tokens", "batch_size")]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GRPO_PROMPT_LOG": str(log)}
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
@@ -107,8 +108,9 @@ def test_two_processes_draw_disjoint_prompts(setup):
                    timeout=600, cwd=os.getcwd())
     pool = [json.loads(x)["prompt"] for x in (setup / "p.jsonl").read_text().splitlines()]
     calls = [[json.loads(x) for x in open(f"{log}.{r}").read().splitlines()] for r in (0, 1)]
+    assert all(len(c) == 4 for c in calls)  # held-out reward at the start, 2 steps, held-out reward at the end
     for step in range(2):
-        mine = [sorted(set(calls[r][step])) for r in (0, 1)]  # a rank's rows: its prompts, G times each
+        mine = [sorted(set(calls[r][1 + step])) for r in (0, 1)]  # a rank's rows: its prompts, G times each
         assert len(mine[0]) == len(mine[1]) == 2 and not set(mine[0]) & set(mine[1])
         assert sorted(mine[0] + mine[1]) == sorted(pool[i] for i in step_indices(step, 4, len(pool), cfg.seed))
 
@@ -118,7 +120,7 @@ def test_interrupted_and_resumed_run_matches_the_uninterrupted_one(setup, monkey
     checkpoint's (it used to be measured again on the resumed policy)."""
     import json
 
-    kw = {"beta": 0.04, "max_steps": 4, "save_every": 2, "task": "arithmetic", "rewards": LENGTH_REWARD,
+    kw = {"beta": 0.04, "max_steps": 4, "save_every": 2, "task": "arithmetic", "reward": LENGTH_REWARD,
           "n_eval_prompts": 8}
     whole = G.run(cfg_for(setup, out=str(setup / "whole"), **kw))
     real, calls = G.grpo_update, []
@@ -142,3 +144,34 @@ def test_interrupted_and_resumed_run_matches_the_uninterrupted_one(setup, monkey
         for key in a.keys() - {"tokens_per_second"}:
             assert a[key] == pytest.approx(b[key], abs=1e-6), (a["step"], key)
     assert split["accuracy_start"] == whole["accuracy_start"] and split["accuracy_end"] == whole["accuracy_end"]
+
+
+def trl_style_reward(completions, **kwargs):
+    """A reward function written for TRL's GRPOTrainer: completions by keyword, dataset columns as keywords."""
+    return [float(len(c)) * (1.0 if a is not None else 0.0) for c, a in zip(completions, kwargs["answer"])]
+
+
+def wrong_shape_reward(text):
+    return [0.0]
+
+
+def test_a_trl_style_reward_without_a_task_reports_its_own_reward(setup, tmp_path, capsys):
+    """TRL's f(completions, **kwargs) runs unchanged; plain prompts (no answer needed for a python reward); no task
+    and no eval_prompts: prompts held out of the training ones; the summary holds reward_start/end, no accuracy."""
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text("".join(json.dumps({"prompt": f"the film was {i}", "answer": i}) + "\n" for i in range(40)))
+    summary = G.run(load_config(G.GRPOConfig, None, {
+        "model": str(setup / "m"), "task": "none", "prompts": str(plain), "rewards": "python:tests.test_grpo:"
+        "trl_style_reward", "out": str(setup / "trl"), "max_steps": 1, "prompts_per_step": 2, "group_size": 2,
+        "max_new_tokens": 4, "batch_size": 4, "progress": False}))
+    assert "key 'rewards' is 'reward' here" in capsys.readouterr().err
+    assert "reward_start" in summary and "accuracy_start" not in summary
+    assert math.isfinite(summary["reward_start"]) and math.isfinite(summary["reward_end"])
+    on_disk = json.loads((setup / "trl" / "summary.json").read_text())
+    assert "NaN" not in (setup / "trl" / "summary.json").read_text() and on_disk["reward_start"] == summary["reward_start"]
+
+
+def test_a_reward_function_of_the_wrong_shape_fails_before_any_model_loads(setup, monkeypatch):
+    monkeypatch.setattr(G, "load_causal_lm", lambda *a, **k: pytest.fail("no model loads for a bad reward"))
+    with pytest.raises(ConfigError, match=r"reward 'python:tests.test_grpo:wrong_shape_reward' takes \(text\)"):
+        G.run(cfg_for(setup, reward="python:tests.test_grpo:wrong_shape_reward"))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import sys
 import types
 import typing
 from pathlib import Path
@@ -149,8 +150,55 @@ def parse_overrides(items: list[str]) -> dict[str, str]:
     return out
 
 
+# TRL's names for keys tether has under another name: a TRL YAML runs with few edits. A value may need converting.
+TRL_ALIASES: dict[str, tuple[str, Any]] = {
+    "learning_rate": ("lr", None),
+    "per_device_train_batch_size": ("batch_size", None),
+    "gradient_accumulation_steps": ("grad_accum", None),
+    "output_dir": ("out", None),
+    "model_name_or_path": ("model", None),
+    "num_train_epochs": ("epochs", None),
+    "logging_steps": ("log_every", None),
+    "save_steps": ("save_every", None),
+    "save_total_limit": ("keep_checkpoints", None),
+    "lr_scheduler_type": ("lr_schedule", None),
+    "max_prompt_length": ("max_prompt_len", None),
+    "max_completion_length": ("max_completion_len", None),
+    "num_generations": ("group_size", None),
+    "loss_type": ("loss", None),
+    "bf16": ("mixed_precision", lambda v: "bf16" if _truthy(v) else "no"),
+    "fp16": ("mixed_precision", lambda v: "fp16" if _truthy(v) else "no"),
+}
+NOT_ALIASED = {"max_length": "tether cuts prompts and completions separately: set max_prompt_len and "
+                             "max_completion_len (their sum is TRL's max_length)"}
+_NOTED: set[tuple[str, str]] = set()
+
+
+def _truthy(value: Any) -> bool:
+    return value is True or (isinstance(value, str) and value.lower() in ("true", "yes", "1", "on"))
+
+
+def resolve_alias(cls, key: str, value: Any) -> tuple[str, Any]:
+    """(tether key, value) for a key given under another name: the recipe's own renamed keys (`ALIASES` on the
+    config class: old name -> new) or TRL's (TRL_ALIASES), each noted once on stderr; other keys unchanged."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    if key in names:
+        return key, value
+    if key in NOT_ALIASED:
+        raise ConfigError(f"key '{key}' (TRL's): {NOT_ALIASED[key]}")
+    own = getattr(cls, "ALIASES", {})
+    target, convert = (own[key], None) if key in own else TRL_ALIASES.get(key, (None, None))
+    if target is None or target not in names:
+        return key, value
+    if (cls.__name__, key) not in _NOTED:
+        _NOTED.add((cls.__name__, key))
+        print(f"tether: key '{key}' is '{target}' here; read as {target}", file=sys.stderr)
+    return target, (convert(value) if convert else value)
+
+
 def load_config(cls, path: str | Path | None = None, overrides: list[str] | dict | None = None, recipe: str = ""):
-    """Build `cls` from an optional YAML file and `key=value` overrides (the overrides win)."""
+    """Build `cls` from an optional YAML file and `key=value` overrides (the overrides win). Keys under TRL's or
+    an older name are read as tether's (`resolve_alias`)."""
     recipe = recipe or cls.__name__.removesuffix("Config").lower()
     types_ = _field_types(cls)
     values: dict[str, Any] = {}
@@ -171,11 +219,13 @@ def load_config(cls, path: str | Path | None = None, overrides: list[str] | dict
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping of key: value at the top level")
         for key, value in loaded.items():
+            key, value = resolve_alias(cls, str(key), value)
             if key not in types_:
                 raise _unknown(str(key), list(types_), where, recipe)
             values[key] = _coerce(value, types_[key], key, where)
     items = overrides if isinstance(overrides, dict) else parse_overrides(list(overrides or []))
     for key, raw in items.items():
+        key, raw = resolve_alias(cls, key, raw)
         if key not in types_:
             raise _unknown(key, list(types_), "", recipe)
         value = yaml.safe_load(raw) if isinstance(raw, str) and raw != "" else raw

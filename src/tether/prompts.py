@@ -3,11 +3,15 @@
     task = load_task(cfg.task)                                   # None for "" or "none"
     train = load_prompts(cfg.prompts, task, "train", cfg.n_train_prompts, cfg.seed, key="prompts")
     held = load_prompts(cfg.eval_prompts, task, "test", cfg.n_eval_prompts, cfg.seed, key="eval_prompts")
+    train, held = train_and_held_out(cfg.prompts, cfg.eval_prompts, task, cfg.n_train_prompts, cfg.n_eval_prompts,
+                                     cfg.seed)                 # held out of the training prompts when nothing else
 
 A file gives its first `n` records (all of them for n=None), validated as `kind`; without one, the task's split.
 """
 
 from __future__ import annotations
+
+import random
 
 from tether import data as D
 from tether.config import ConfigError
@@ -28,3 +32,16 @@ def load_prompts(path: str, task, split: str, n: int | None, seed: int = 0, kind
     if task is None:
         raise ConfigError(f"needs {key}=FILE or task=NAME")
     return task.prompts(split, n, seed=seed)
+
+
+def train_and_held_out(path: str, eval_path: str, task, n_train: int, n_eval: int, seed: int = 0,
+                       kind: str = "prompts") -> tuple[list[dict], list[dict]]:
+    """(train, held-out) prompt records: a file or the task's train split, and a file or the task's test split;
+    with neither held-out source, a seeded hold-out of `n_eval` (at most a tenth) of the training prompts."""
+    train = load_prompts(path, task, "train", None if path else n_train, seed, kind)
+    if eval_path or task is not None:
+        return train, load_prompts(eval_path, task, "test", n_eval, seed, key="eval_prompts")
+    order = list(range(len(train)))
+    random.Random(seed).shuffle(order)
+    n = min(n_eval, len(train) // 10)
+    return [train[i] for i in order[n:]], [train[i] for i in order[:n]]

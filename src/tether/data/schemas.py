@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import ast
 import math
+import os
+import re
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -143,7 +145,35 @@ def _check_prompt(record: dict) -> None:
         _text(record["prompt"], "prompt")
 
 
+def _chat_prompt(record: dict) -> bool:
+    """Whether the record's prompt is chat turns (`prompt` as turns, or `messages`)."""
+    return isinstance(record["prompt"], list) if "prompt" in record else "messages" in record
+
+
+def _check_reply(record: dict, name: str) -> None:
+    """A completion after the record's prompt: a string; after a chat prompt also turns, the first the assistant's."""
+    value, chat = _required(record, name), _chat_prompt(record)
+    if not isinstance(value, list):
+        if chat and not isinstance(value, str):
+            raise DataError(f"must be a string or a list of turns, got {_type_name(value)}", field=name)
+        _text(value, name)
+        return
+    if not chat:
+        raise DataError("is a list of turns but the prompt is a string; give the prompt as turns too (TRL's "
+                        "conversational format: every field a list of turns)", field=name)
+    _check_messages(value, name)
+    _assistant_at(value, 0, name, "a conversational completion opens with the assistant's reply")
+
+
+def _assistant_at(turns: list, i: int, name: str, why: str) -> None:
+    if turns[i]["role"] != "assistant":
+        raise DataError(f"must be 'assistant' ({why}), got {_show(turns[i]['role'])}", field=f"{name}[{i}].role")
+
+
 def _check_demonstration(record: dict) -> None:
+    if "text" in record and not any(k in record for k in ("prompt", "messages", "completion")):
+        _text(record["text"], "text")  # language modelling: loss on every token
+        return
     if "messages" in record and "prompt" not in record and "completion" not in record:
         turns = record["messages"]
         _check_messages(turns, "messages")
@@ -152,13 +182,22 @@ def _check_demonstration(record: dict) -> None:
                             field="messages")
         return
     _check_prompt(record)
-    _text(_required(record, "completion"), "completion")
+    _check_reply(record, "completion")
 
 
 def _check_pair(record: dict) -> None:
-    _check_prompt(record)
-    _text(_required(record, "chosen"), "chosen")
-    _text(_required(record, "rejected"), "rejected")
+    if "prompt" in record or "messages" in record:
+        _check_prompt(record)
+        _check_reply(record, "chosen")
+        _check_reply(record, "rejected")
+        if isinstance(record["chosen"], list) != isinstance(record["rejected"], list):
+            form = "a list of turns" if isinstance(record["chosen"], list) else "a string"
+            raise DataError(f"must be {form} like 'chosen'", field="rejected")
+    elif "chosen" in record or "rejected" in record:
+        extract_prompt(record)  # the implicit prompt: raises naming the field when there is none to extract
+    else:
+        raise DataError("missing (a prompt is 'prompt' or 'messages', or implicit in 'chosen' and 'rejected')",
+                        field="prompt")
     if "margin" in record:
         margin = record["margin"]
         if not _is_number(margin):
@@ -198,7 +237,7 @@ def _check_ranking(record: dict) -> None:
 
 def _check_unpaired(record: dict) -> None:
     _check_prompt(record)
-    _text(_required(record, "completion"), "completion")
+    _check_reply(record, "completion")
     label = _required(record, "label")
     if not isinstance(label, bool):
         raise DataError(f"must be true or false, got {_type_name(label)}", field="label")
@@ -282,8 +321,52 @@ def validate_record(record, kind: str, path: str | Path = "<memory>", line: int 
 
 
 def prompt_of(record: dict):
-    """The prompt of a record: a string or a list of chat turns."""
-    return record["prompt"] if "prompt" in record else record["messages"]
+    """The prompt of a record: a string or a list of chat turns (of a pair with an implicit prompt: extracted)."""
+    if "prompt" in record:
+        return record["prompt"]
+    return record["messages"] if "messages" in record else extract_prompt(record)["prompt"]
+
+
+def extract_prompt(record: dict) -> dict:
+    """A pair with an implicit prompt (TRL: no `prompt`, `chosen` and `rejected` hold all of it) made explicit:
+    {**record, "prompt": their common start, "chosen": the rest, "rejected": the rest}. A record with a prompt
+    comes back as it is. DataError naming the field when there is no prompt to extract:
+    - turns: the prompt is the longest common run of first turns; it must be non-empty and, in each of chosen and
+      rejected, be followed by an assistant turn (the reply the pair compares);
+    - strings: the prompt ends at the last whitespace before the first difference, so that the completions start
+      with it (" blue." / " green."; TRL cuts at the character, mid-word too); it may be empty.
+    """
+    if "prompt" in record or "messages" in record:
+        return record
+    chosen, rejected = _required(record, "chosen"), _required(record, "rejected")
+    if isinstance(chosen, list) or isinstance(rejected, list):
+        _check_messages(chosen, "chosen")
+        _check_messages(rejected, "rejected")
+        n = 0
+        while n < min(len(chosen), len(rejected)) and _same_turn(chosen[n], rejected[n]):
+            n += 1
+        if n == 0:
+            raise DataError("shares no first turn with 'rejected', so there is no implicit prompt; give 'prompt'",
+                            field="chosen")
+        for name, turns in (("chosen", chosen), ("rejected", rejected)):
+            if n == len(turns):
+                raise DataError(f"has no turn after the {n} turn(s) it shares with the other side (the implicit "
+                                "prompt); the pair compares nothing", field=name)
+            _assistant_at(turns, n, name, f"the first turn after the {n} shared turn(s) of the implicit prompt")
+    else:
+        _text(chosen, "chosen")
+        _text(rejected, "rejected")
+        common = os.path.commonprefix([chosen, rejected])
+        n = max((m.start() for m in re.finditer(r"\s", common)), default=0)
+        for name, text in (("chosen", chosen), ("rejected", rejected)):
+            if not text[n:].strip():
+                raise DataError("is empty after the implicit prompt (the text it shares with the other side)",
+                                field=name)
+    return {**record, "prompt": chosen[:n], "chosen": chosen[n:], "rejected": rejected[n:]}
+
+
+def _same_turn(a: dict, b: dict) -> bool:
+    return (a["role"], a["content"]) == (b["role"], b["content"])
 
 
 def expand_ranking(record: dict) -> list[dict]:

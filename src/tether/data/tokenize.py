@@ -1,12 +1,19 @@
 """Records to token ids: the Example types, chat-template rendering and masking, prompt (cut left) and completion
-(cut right) encoding, TruncationStats."""
+(cut right) encoding, TruncationStats, encode_records.
+
+Both of TRL's formats: a string prompt is raw text with the tokenizer's special tokens and a string completion raw
+text + EOS; a chat prompt is rendered by the chat template with the generation prompt, and a chat completion (turns
+after a chat prompt) is what the template renders after that: prompt + completion rendered as one conversation, the
+text after the prompt's rendering tokenised on its own (the same prompt ids generation starts from; the completion
+ends as the template ends a turn, not with an added EOS).
+"""
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
 
-from tether.data.schemas import DataError, prompt_of
+from tether.data.schemas import DataError, extract_prompt, prompt_of
 
 log = logging.getLogger(__name__)
 
@@ -118,22 +125,25 @@ def encode_completion(tokenizer, text: str, max_len: int | None = None) -> tuple
     return _cut_right(ids, max_len)
 
 
-def _assistant_spans(tokenizer, turns: list[dict]) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered chat and the character spans of assistant turns, found by rendering it turn by turn.
+def _assistant_spans(tokenizer, turns: list[dict], first: int = 1,
+                     field: str = "messages") -> tuple[str, list[tuple[int, int]]]:
+    """The rendered chat and the character spans of the assistant turns from turns[first] on, found by rendering it
+    turn by turn (by default all but an opening assistant turn, which answers nothing: context, no loss).
 
     Span i runs from the end of render(turns[:i], generation prompt) to the end of render(turns[:i+1]), so it holds
-    the reply and whatever the template closes it with (an end-of-turn token): the model learns to stop.
+    the reply and whatever the template closes it with (an end-of-turn token): the model learns to stop. A template
+    that does not render each turn as a continuation of the ones before gives a DataError naming `field`.
     """
     full = _render_chat(tokenizer, turns, False)
     spans = []
-    for i, turn in enumerate(turns):
-        if turn["role"] != "assistant" or i == 0:  # an opening assistant turn answers nothing: context, no loss
+    for i in range(first, len(turns)):
+        if turns[i]["role"] != "assistant":
             continue
         before = _render_chat(tokenizer, turns[:i], True)
         upto = _render_chat(tokenizer, turns[: i + 1], False)
         if not (full.startswith(upto) and upto.startswith(before)):
             raise DataError(f"the chat template does not render turn {i} as a continuation of the turns before it "
-                            "(it rewrites earlier turns), so assistant tokens cannot be located", field="messages")
+                            "(it rewrites earlier turns), so assistant tokens cannot be located", field=field)
         spans.append((len(before), len(upto)))
     return full, spans
 
@@ -154,6 +164,49 @@ def _tokenize_with_mask(tokenizer, text: str, spans: list[tuple[int, int]]) -> t
     return ids, inside
 
 
+def _chat_reply(tokenizer, prompt: list[dict], reply: list[dict], field: str) -> tuple[list[int], list[bool]]:
+    """Token ids of what the chat template renders for `reply` after `prompt`, and per token whether it lies in one
+    of the reply's assistant turns (their spans, as `_assistant_spans`).
+
+    prompt + reply is rendered as one conversation and the text after render(prompt, generation prompt) is tokenised
+    alone; DataError naming `field` when the conversation does not start with that rendering (a template that
+    rewrites earlier turns) or the reply renders to nothing.
+    """
+    head = _render_chat(tokenizer, prompt, True)
+    text, spans = _assistant_spans(tokenizer, prompt + reply, len(prompt), field)
+    if not text.startswith(head):
+        raise DataError("the chat template does not render the prompt with this reply as it renders the prompt "
+                        "alone with the generation prompt (it rewrites earlier turns)", field=field)
+    ids, inside = _tokenize_with_mask(tokenizer, text[len(head):], [(a - len(head), b - len(head)) for a, b in spans])
+    if not ids:
+        raise DataError("the chat template renders nothing for it", field=field)
+    return ids, inside
+
+
+def encode_reply(tokenizer, prompt: str | list[dict], reply: str | list[dict], max_len: int | None = None,
+                 field: str = "completion") -> tuple[list[int], bool]:
+    """Token ids of a completion that follows `prompt`, cut from the right to max_len; returns (ids, truncated).
+
+    A string is `encode_completion`'s raw text + EOS; turns (after a chat prompt) the chat template's continuation
+    of the prompt (`_chat_reply`), ending with the template's end of turn.
+    """
+    if isinstance(reply, str):
+        return encode_completion(tokenizer, reply, max_len)
+    return _cut_right(_chat_reply(tokenizer, prompt, reply, field)[0], max_len)
+
+
+def _encode_text(tokenizer, text: str, max_len: int | None) -> Example:
+    """Language modelling: the text with the tokenizer's special tokens + EOS (unless it ends with one), loss on
+    every token, cut from the right."""
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no EOS token; texts end with EOS")
+    ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
+    if not ids or ids[-1] != tokenizer.eos_token_id:
+        ids.append(tokenizer.eos_token_id)
+    ids, cut = _cut_right(ids, max_len)
+    return Example(ids, list(ids), False, cut)
+
+
 def _encode_chat_demonstration(tokenizer, turns, max_prompt_len, max_completion_len) -> Example:
     """Loss on the assistant turns; the prompt is everything before the first of them, the completion the rest."""
     text, spans = _assistant_spans(tokenizer, turns)
@@ -172,21 +225,35 @@ def encode_demonstration(tokenizer, record: dict, max_prompt_len: int | None = N
 
     A `messages` record is rendered by the chat template and labelled on every assistant turn after the first turn;
     the text before the first labelled turn counts as the prompt (cut left), the rest as the completion (cut right).
+    A chat prompt with a chat completion: the completion's tokens are the template's continuation (`_chat_reply`),
+    labelled on its assistant turns. A `text` record is labelled on every token and cut from the right to
+    max_prompt_len + max_completion_len (the length of a prompt + completion row).
     """
     if "completion" not in record:
-        return _encode_chat_demonstration(tokenizer, record["messages"], max_prompt_len, max_completion_len)
+        if "messages" in record:
+            return _encode_chat_demonstration(tokenizer, record["messages"], max_prompt_len, max_completion_len)
+        total = None if max_prompt_len is None or max_completion_len is None else max_prompt_len + max_completion_len
+        return _encode_text(tokenizer, record["text"], total)
     prompt, p_cut = encode_prompt(tokenizer, prompt_of(record), max_prompt_len)
+    if isinstance(record["completion"], list):
+        ids, inside = _chat_reply(tokenizer, prompt_of(record), record["completion"], "completion")
+        ids, c_cut = _cut_right(ids, max_completion_len)
+        labels = [t if m else IGNORE_INDEX for t, m in zip(ids, inside)]
+        return Example(prompt + ids, [IGNORE_INDEX] * len(prompt) + labels, p_cut, c_cut)
     completion, c_cut = encode_completion(tokenizer, record["completion"], max_completion_len)
     return Example(prompt + completion, [IGNORE_INDEX] * len(prompt) + completion, p_cut, c_cut)
 
 
 def encode_pair(tokenizer, record: dict, max_prompt_len: int | None = None,
                 max_completion_len: int | None = None) -> PairExample:
-    """Preference pair: prompt ids once, chosen and rejected completions (+ EOS), margin (0 if absent), weight (1)."""
-    prompt, p_cut = encode_prompt(tokenizer, prompt_of(record), max_prompt_len)
-    chosen, c_cut = encode_completion(tokenizer, record["chosen"], max_completion_len)
-    rejected, r_cut = encode_completion(tokenizer, record["rejected"], max_completion_len)
-    return PairExample(prompt, chosen, rejected, float(record.get("margin", 0.0)), float(record.get("weight", 1.0)),
+    """Preference pair: prompt ids once, chosen and rejected completions (`encode_reply`: strings + EOS, or turns
+    through the chat template), margin (0 if absent), weight (1). An implicit prompt is extracted first."""
+    record = extract_prompt(record)
+    prompt = prompt_of(record)
+    prompt_ids, p_cut = encode_prompt(tokenizer, prompt, max_prompt_len)
+    chosen, c_cut = encode_reply(tokenizer, prompt, record["chosen"], max_completion_len, "chosen")
+    rejected, r_cut = encode_reply(tokenizer, prompt, record["rejected"], max_completion_len, "rejected")
+    return PairExample(prompt_ids, chosen, rejected, float(record.get("margin", 0.0)), float(record.get("weight", 1.0)),
                        p_cut, c_cut, r_cut)
 
 
@@ -201,9 +268,9 @@ def encode_ranking(tokenizer, record: dict, max_prompt_len: int | None = None,
 
 def encode_unpaired(tokenizer, record: dict, max_prompt_len: int | None = None,
                     max_completion_len: int | None = None) -> UnpairedExample:
-    """Unpaired feedback: prompt ids, completion ids (+ EOS) and the desirable/undesirable label."""
+    """Unpaired feedback: prompt ids, completion ids (`encode_reply`) and the desirable/undesirable label."""
     prompt, p_cut = encode_prompt(tokenizer, prompt_of(record), max_prompt_len)
-    completion, c_cut = encode_completion(tokenizer, record["completion"], max_completion_len)
+    completion, c_cut = encode_reply(tokenizer, prompt_of(record), record["completion"], max_completion_len)
     return UnpairedExample(prompt, completion, bool(record["label"]), p_cut, c_cut)
 
 
@@ -233,3 +300,22 @@ class TruncationStats:
                        self.examples, self.completions_truncated, self.examples)
         return True
 
+
+
+def encode_records(encode, tokenizer, records, max_prompt_len: int | None = None, max_completion_len: int | None = None,
+                   logger: logging.Logger = log) -> tuple[list, TruncationStats]:
+    """`encode(tokenizer, record, max_prompt_len, max_completion_len)` of every record, truncation counted and warned
+    about once. A DataError raised while encoding (a chat template that rewrites earlier turns) names the record's
+    file and line when `records` is a `readers.Records`."""
+    stats, out = TruncationStats(), []
+    lines = getattr(records, "lines", [])
+    for i, record in enumerate(records):
+        try:
+            example = encode(tokenizer, record, max_prompt_len, max_completion_len)
+        except DataError as e:
+            e.path, e.line = getattr(records, "path", None), lines[i] if i < len(lines) else None
+            raise
+        stats.update(example)
+        out.append(example)
+    stats.warn_if_any(logger)
+    return out, stats

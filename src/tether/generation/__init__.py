@@ -30,6 +30,6 @@ under the *tempered, unfiltered* distribution (log_softmax(logits / T)) — the 
 
 from tether.generation.core import Rollout
 from tether.generation.dispatch import BACKENDS, auto_backend, sample
-from tether.generation.texts import Samples, decode_responses, sample_records
+from tether.generation.texts import Samples, decode_responses, sample_records, stop_ids
 
-__all__ = ["BACKENDS", "Rollout", "Samples", "auto_backend", "decode_responses", "sample", "sample_records"]
+__all__ = ["BACKENDS", "Rollout", "Samples", "auto_backend", "decode_responses", "sample", "sample_records", "stop_ids"]

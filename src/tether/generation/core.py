@@ -83,12 +83,20 @@ def pick_tokens(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
     return tokens, torch.log_softmax(scaled, -1).gather(-1, tokens[:, None])[:, 0]
 
 
+def stop_tensor(eos_token_id, device) -> torch.Tensor:
+    """The ids a response ends at, as a tensor: one EOS id, or several (an end-of-turn token, a model's EOS list)."""
+    ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    return torch.tensor(ids, dtype=torch.long, device=device)
+
+
 def decode_loop(step, first_logits, batch, max_new_tokens, eos_token_id, pad_token_id, temperature, top_k, top_p,
                 generator) -> tuple[torch.Tensor, torch.Tensor]:
     """The token loop: `step(tokens (B,), t)` runs the model on the new tokens and returns the next logits (B, V).
 
-    Returns (response (B, T'), log-probs (B, T')), T' <= max_new_tokens: the loop stops once every row has an EOS."""
+    Returns (response (B, T'), log-probs (B, T')), T' <= max_new_tokens: the loop stops once every row has ended
+    with one of the ids in `eos_token_id` (an int or a list)."""
     device = first_logits.device
+    stops = stop_tensor(eos_token_id, device)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     tokens_out, logprobs_out = [], []
     logits = first_logits
@@ -97,16 +105,17 @@ def decode_loop(step, first_logits, batch, max_new_tokens, eos_token_id, pad_tok
         tokens = torch.where(done, torch.full_like(tokens, pad_token_id), tokens)
         tokens_out.append(tokens)
         logprobs_out.append(torch.where(done, torch.zeros_like(logprobs), logprobs))
-        done = done | (tokens == eos_token_id)
+        done = done | torch.isin(tokens, stops)
         if bool(done.all()) or t == max_new_tokens - 1:
             break
         logits = step(tokens, t)
     return torch.stack(tokens_out, 1), torch.stack(logprobs_out, 1)
 
 
-def response_mask(response: torch.Tensor, eos_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mask (B, T): 1 up to and including the first EOS, has_eos (B,))."""
-    is_eos = response == eos_token_id
+def response_mask(response: torch.Tensor, eos_token_id) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mask (B, T): 1 up to and including the first stop id, has_eos (B,): the row ended); `eos_token_id` is an id
+    or a list of them."""
+    is_eos = torch.isin(response, stop_tensor(eos_token_id, response.device))
     after_eos = (is_eos.cumsum(1) - is_eos.long()) > 0  # strictly after the first EOS
     return (~after_eos).long(), is_eos.any(1)
 

@@ -22,11 +22,12 @@ def auto_backend(model, total_len: int) -> str:
 
 
 @torch.no_grad()
-def sample(model, prompts: Sequence[Sequence[int]] | torch.Tensor, max_new_tokens: int, *, eos_token_id: int,
+def sample(model, prompts: Sequence[Sequence[int]] | torch.Tensor, max_new_tokens: int, *, eos_token_id,
            pad_token_id: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
            generator: torch.Generator | None = None, return_logprobs: bool = False, backend: str = "auto",
            prompt_mask: torch.Tensor | None = None) -> Rollout:
-    """Sample one response per prompt (repeat prompts for several); see the module docstring."""
+    """Sample one response per prompt (repeat prompts for several); a row ends at any id of `eos_token_id` (an int
+    or a list: `texts.stop_ids` gives a tokenizer's EOS, its chat template's end of turn and the model's EOS list)."""
     device = next(model.parameters()).device
     if isinstance(prompts, torch.Tensor):
         ids = prompts.to(device)

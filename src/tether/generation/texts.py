@@ -42,11 +42,43 @@ class Samples:
                  "has_eos": eos[j : j + n]} for j in range(0, len(self.records), n)]
 
 
-def decode_responses(tokenizer, rollout: Rollout) -> list[str]:
-    """Response texts without EOS and padding."""
+PROBE = "tether-end-of-turn-probe"
+
+
+def end_of_turn_id(tokenizer) -> int | None:
+    """The special token a chat template closes an assistant turn with (ChatML's <|im_end|>), or None: rendered
+    after a probe reply, the first special token that follows it."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        return None
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "u"}, {"role": "assistant", "content": PROBE}],
+                                             tokenize=False)
+    except Exception:  # a template that refuses this shape of chat has no end of turn we can find
+        return None
+    if PROBE not in text:
+        return None
+    after = tokenizer(text[text.rindex(PROBE) + len(PROBE):], add_special_tokens=False).input_ids
+    special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
+    return next((i for i in after if i in special), None)
+
+
+def stop_ids(tokenizer, model=None) -> list[int]:
+    """Every id a response may end with: the tokenizer's EOS, the model's `generation_config.eos_token_id` (an int
+    or a list: chat models list their end-of-turn there) and the chat template's end-of-turn token."""
+    found = [tokenizer.eos_token_id]
+    config = getattr(getattr(model, "module", model), "generation_config", None)
+    listed = getattr(config, "eos_token_id", None)
+    found += [listed] if isinstance(listed, int) else list(listed or [])
+    found.append(end_of_turn_id(tokenizer))
+    return list(dict.fromkeys(i for i in found if i is not None))
+
+
+def decode_responses(tokenizer, rollout: Rollout, stops: list[int] | None = None) -> list[str]:
+    """Response texts without the stop token and padding."""
+    stops = set(stops or [tokenizer.eos_token_id])
     texts = []
     for ids, mask in zip(rollout.response_ids.tolist(), rollout.response_mask.tolist()):
-        kept = [i for i, m in zip(ids, mask) if m and i != tokenizer.eos_token_id]
+        kept = [i for i, m in zip(ids, mask) if m and i not in stops]
         texts.append(tokenizer.decode(kept, skip_special_tokens=True))
     return texts
 
@@ -59,14 +91,15 @@ def sample_records(model, tokenizer, records: list[dict], n: int, *, max_new_tok
     once); prompts cut from the left to `max_prompt_len` tokens (None: kept whole)."""
     rows = [r for r in records for _ in range(n)]
     step = batch_size or max(1, len(rows))
+    stops = stop_ids(tokenizer, model)
     prompts, completions, rollouts = [], [], []
     for i in range(0, len(rows), step):
         chunk = rows[i : i + step]
         ids = [D.encode_prompt(tokenizer, D.prompt_of(r), max_prompt_len)[0] for r in chunk]
-        roll = sample(model, ids, max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+        roll = sample(model, ids, max_new_tokens, eos_token_id=stops,
                       pad_token_id=tokenizer.pad_token_id, temperature=temperature, top_p=top_p,
                       generator=generator, return_logprobs=return_logprobs)
         prompts += [D.prompt_of(r) for r in chunk]
-        completions += decode_responses(tokenizer, roll)
+        completions += decode_responses(tokenizer, roll, stops)
         rollouts.append(roll)
     return Samples(rows, prompts, completions, rollouts)

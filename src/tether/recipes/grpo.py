@@ -2,7 +2,8 @@
 
     tether grpo task=arithmetic                          # builds the base model if missing, then GRPO
     tether grpo task=arithmetic estimator=rloo           # leave-one-out baseline
-    tether grpo model=DIR prompts=math.jsonl rewards=math,format reward_weights=1,0.2 beta=0
+    tether grpo model=DIR prompts=math.jsonl reward=math,format reward_weights=1,0.2 beta=0
+    tether grpo model=DIR prompts=p.jsonl reward=python:my_rewards:accuracy   # a TRL-style f(completions, **kw)
 
 One step (docs/reference.md §Group policy gradients), the shape of PPO's (rollout, score, advantages, update, log):
 1. `prompts_per_step` prompts per process (ranks draw disjoint prompts), each sampled `group_size` times (rows of a
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -46,7 +48,7 @@ from tether.generation import Rollout, sample_records
 from tether.kl import kl_k3
 from tether.losses import AGGREGATIONS, masked_mean, ppo_policy_loss
 from tether.models import LoraSettings, load_causal_lm, load_tokenizer
-from tether.prompts import load_prompts, load_task
+from tether.prompts import load_task, train_and_held_out
 from tether.reference import ReferencePolicy
 from tether.rewards import FunctionReward, RewardSource
 from tether.rewards.format import soft_overlong_penalty
@@ -57,13 +59,15 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class GRPOConfig(ModelFields, CheckpointFields, OptimizerFields, RunFields):
+    ALIASES: ClassVar[dict[str, str]] = {"rewards": "reward"}  # the key's old name (before `reward=` everywhere)
     model: str = opt("", "policy to train (default: the task's base model, built if missing)")
     task: str = opt("arithmetic", "embedded task giving prompts and the verifier: arithmetic | reviews | none",
                     check=one_of("", "none", *TASKS))
     base_seed: int = opt(0, "seed of the task's base-model build when `model` is empty (a separate axis from `seed`)")
     prompts: str = opt("", "training prompts with answers/tests (verifiable records); default: the task's")
     eval_prompts: str = opt("", "held-out prompts (default: the task's test split)")
-    rewards: str = opt("task", "comma list of reward specs: task, math, format, code, python:mod:fn, rm:DIR")
+    reward: str = opt("task", "comma list of reward specs: task, math, format, code, python:mod:fn, rm:DIR "
+                              "(rewards= is read as reward=)")
     reward_weights: str = opt("", "comma list of weights, one per reward (default: all 1)")
     estimator: str = opt("grpo", "advantage estimator: grpo | dr_grpo | rloo | reinforce_pp",
                          check=one_of(*sorted(ADVANTAGE_ESTIMATORS)))
@@ -97,7 +101,7 @@ def build_rewards(cfg: GRPOConfig, task) -> list[tuple[str, RewardSource, float]
     """(name, source, weight) per reward spec; "task" is the task's verifier/gold reward."""
     from tether.rewards.spec import reward_from_spec
 
-    names = [s.strip() for s in cfg.rewards.split(",") if s.strip()]
+    names = [s.strip() for s in cfg.reward.split(",") if s.strip()]
     weights = [float(w) for w in cfg.reward_weights.split(",")] if cfg.reward_weights else [1.0] * len(names)
     if len(weights) != len(names):
         raise ConfigError(f"key 'reward_weights' has {len(weights)} values for {len(names)} rewards")
@@ -105,7 +109,7 @@ def build_rewards(cfg: GRPOConfig, task) -> list[tuple[str, RewardSource, float]
     for name, weight in zip(names, weights):
         if name == "task":
             if task is None:
-                raise ConfigError("rewards=task needs task=NAME")
+                raise ConfigError("reward=task needs task=NAME")
             out.append((name, FunctionReward(task.gold_reward, name="task"), weight))
         else:
             out.append((name, reward_from_spec(name), weight))
@@ -227,6 +231,14 @@ def grpo_update(cfg, engine: Engine, model, roll: Rollout, adv: torch.Tensor, re
     return {**stats, **{k: v / max(tokens, 1.0) for k, v in sums.items()}}
 
 
+def held_out_reward(model, tokenizer, rewards, records, cfg) -> float:
+    """The run's own reward (the weighted sum) of greedy completions of the held-out prompts: what a run without a
+    task's verifier reports, under that name, instead of an accuracy it cannot measure."""
+    s = sample_records(model, tokenizer, records, 1, max_new_tokens=cfg.max_new_tokens, temperature=0.0,
+                       batch_size=256)
+    return float(score(rewards, s.prompts, s.completions, s.records)[0].mean())
+
+
 def greedy_accuracy(model, tokenizer, task, records, cfg) -> float:
     result = evaluate_policy(model, tokenizer, task, records, n_samples=1, max_new_tokens=cfg.max_new_tokens,
                              temperature=0.0, batch_size=256, seed=cfg.seed)
@@ -239,23 +251,24 @@ def run(cfg: GRPOConfig) -> dict:
         if task is None:
             raise ConfigError("grpo needs model=DIR or task=NAME")
         cfg.model = str(task.build_base(seed=cfg.base_seed))
+    rewards = build_rewards(cfg, task)  # a reward that cannot be called is an error before any model loads
+    kind = "verifiable" if any(name in ("math", "code") for name, _, _ in rewards) or (
+        task is not None and getattr(task, "RECORD_KIND", "prompts") == "verifiable") else "prompts"
+    pool, held = train_and_held_out(cfg.prompts, cfg.eval_prompts, task, cfg.n_train_prompts, cfg.n_eval_prompts,
+                                    cfg.seed, kind)
     engine = Engine(cfg, "grpo")
     tokenizer = load_tokenizer(cfg.model)
     model = load_causal_lm(cfg.model, LoraSettings.from_config(cfg)).to(engine.device)
     reference = ReferencePolicy(model) if cfg.beta > 0 else None  # with LoRA: the base with adapters off
-    rewards = build_rewards(cfg, task)
-    pool = load_prompts(cfg.prompts, task, "train", None if cfg.prompts else cfg.n_train_prompts, cfg.seed,
-                        kind="verifiable")
-    held = load_prompts(cfg.eval_prompts, task, "test", cfg.n_eval_prompts, cfg.seed, key="eval_prompts")
     model, _, _ = engine.setup(model, cfg.max_steps)
     start, extra = engine.resume()
     policy = engine.unwrap(model)
-    if "accuracy_start" in extra:  # measured on the starting policy before the interruption, not on the checkpoint's
-        accuracy_start = extra["accuracy_start"]
-    else:
-        accuracy_start = greedy_accuracy(policy, tokenizer, task, held, cfg) if task else float("nan")
-    state = {"accuracy_start": accuracy_start}
-    log.info("grpo: held-out greedy accuracy at start %.3f", accuracy_start)
+    figure = "accuracy" if task is not None else "reward"  # a task's verifier, else the run's own reward
+    measure = (lambda: greedy_accuracy(policy, tokenizer, task, held, cfg)) if task is not None else (
+        lambda: held_out_reward(policy, tokenizer, rewards, held, cfg))
+    start_value = extra[f"{figure}_start"] if f"{figure}_start" in extra else measure()  # never re-measured
+    state = {f"{figure}_start": start_value}
+    log.info("grpo: held-out greedy %s at start %.3f", figure, start_value)
     estimator = ADVANTAGE_ESTIMATORS[cfg.estimator]
     metrics: dict = {}
 
@@ -269,15 +282,15 @@ def run(cfg: GRPOConfig) -> dict:
         adv = compute_advantages(cfg, estimator, scores.to(engine.device), mask)
         metrics.update(grpo_update(cfg, engine, model, roll, adv, reference, step),
                        length=mask.sum(1).mean().item(), eos_rate=roll.has_eos.float().mean().item())
-        if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and task is not None:
-            metrics["accuracy"] = greedy_accuracy(policy, tokenizer, task, held, cfg)
+        if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
+            metrics[figure] = measure()
         engine.log(step, metrics)
         engine.maybe_checkpoint(step, extra=state)
 
-    accuracy_end = greedy_accuracy(policy, tokenizer, task, held, cfg) if task else float("nan")
+    end_value = measure()
     engine.save_checkpoint(cfg.max_steps, extra=state)
     engine.save_model(model, tokenizer)
     return engine.finish({
-        "accuracy_start": accuracy_start, "accuracy_end": accuracy_end, "kl_end": metrics.get("kl", float("nan")),
+        f"{figure}_start": start_value, f"{figure}_end": end_value, "kl_end": metrics.get("kl", float("nan")),
         "estimator": cfg.estimator, "steps": cfg.max_steps, "tokens_per_second": engine.tokens_per_second(),
     })

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,7 +60,7 @@ from tether.kl import KL_ESTIMATORS, AdaptiveKLController, FixedKLController, Un
 from tether.losses import masked_mean, masked_sum, masked_whiten, ppo_policy_loss, value_loss
 from tether.metrics import distinct_n, explained_variance, repetition_rate
 from tether.models import LoraSettings, load_causal_lm, load_reward_model, load_tokenizer
-from tether.prompts import load_prompts, load_task
+from tether.prompts import load_task, train_and_held_out
 from tether.reference import ReferencePolicy
 from tether.tasks import TASKS
 
@@ -149,18 +148,6 @@ CONTROLLERS = {
 
 
 # --- setup --------------------------------------------------------------------------------------------------------------
-def train_and_held_out(cfg: PPOConfig, task) -> tuple[list[dict], list[dict]]:
-    """(train, held-out) prompt records: files or the task's splits; without either held-out source, a seeded
-    hold-out of `n_eval_prompts` (at most a tenth) of the training prompts."""
-    train = load_prompts(cfg.prompts, task, "train", None if cfg.prompts else cfg.n_train_prompts, cfg.seed)
-    if cfg.eval_prompts or task is not None:
-        return train, load_prompts(cfg.eval_prompts, task, "test", cfg.n_eval_prompts, cfg.seed, key="eval_prompts")
-    order = list(range(len(train)))
-    random.Random(cfg.seed).shuffle(order)
-    n = min(cfg.n_eval_prompts, len(train) // 10)
-    return [train[i] for i in order[n:]], [train[i] for i in order[:n]]
-
-
 def value_init_dir(cfg: PPOConfig) -> str:
     """The value model starts from the reward model (N+); a reward that is not one RM leaves the policy's trunk."""
     if cfg.value_model:
@@ -401,7 +388,8 @@ def run(cfg: PPOConfig) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
     task = load_task(cfg.task)
     tokenizer = load_tokenizer(cfg.model)
-    train, held = train_and_held_out(cfg, task)
+    train, held = train_and_held_out(cfg.prompts, cfg.eval_prompts, task, cfg.n_train_prompts, cfg.n_eval_prompts,
+                                     cfg.seed)
 
     lora = LoraSettings.from_config(cfg)
     policy = load_causal_lm(cfg.model, lora).to(device)

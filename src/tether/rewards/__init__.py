@@ -15,6 +15,7 @@ sources with weights (helpful, harmless, honest, format ...) make one with `Weig
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -38,15 +39,61 @@ class RewardSource:
         raise NotImplementedError
 
 
+def calling_convention(fn) -> str:
+    """How a reward function wants its arguments, read from its signature before anything runs:
+    "positional", tether's f(prompts, completions, records), or "keywords", TRL's f(prompts=..., completions=...,
+    **columns) (a **kwargs parameter, or named parameters such as `completions`, `answer`)."""
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):  # a builtin without a signature: call it as tether does
+        return "positional"
+    names = [p.name for p in params]
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return "keywords"
+    if len(positional) >= 3 and positional[2].name == "records" or any(p.kind is p.VAR_POSITIONAL for p in params):
+        return "positional"
+    if "completions" in names:
+        return "keywords"
+    if len(positional) >= 3:
+        return "positional"
+    raise TypeError(f"takes ({', '.join(names)}); a reward function is f(prompts, completions, records) or, as TRL "
+                    "calls it, f(completions, **kwargs) with the dataset's columns as keywords")
+
+
+def _as_trl_completion(prompt, completion: str):
+    """TRL hands a conversational prompt's completion over as the assistant's message list."""
+    return [{"role": "assistant", "content": completion}] if isinstance(prompt, list) else completion
+
+
 class FunctionReward(RewardSource):
-    """Wrap `f(prompts, completions, records) -> list[float]` (e.g. a verifier) as a reward source."""
+    """A reward function as a reward source: `f(prompts, completions, records) -> list[float]` (e.g. a verifier), or
+    a TRL-style `f(prompts=..., completions=..., **columns)`, told apart by `calling_convention`. TRL's None (the
+    function does not apply to that sample) counts 0."""
 
     def __init__(self, fn: Callable[..., Sequence[float]], name: str | None = None):
         self.fn = fn
         self.name = name or getattr(fn, "__name__", "function")
+        self.convention = calling_convention(fn)
+        params = inspect.signature(fn).parameters if self.convention == "keywords" else {}
+        self.takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+        self.accepted = set(params)
+
+    def _call(self, prompts, completions, records):
+        if self.convention == "positional":
+            return self.fn(prompts, completions, records)
+        keys = dict.fromkeys(k for r in records for k in r if k not in ("prompt", "messages"))
+        columns = {k: [r.get(k) for r in records] for k in keys}  # the dataset's columns, one value per completion
+        kwargs = {"prompts": list(prompts), "completions": [_as_trl_completion(p, c) for p, c in zip(prompts,
+                                                                                                    completions)],
+                  **columns}
+        if not self.takes_any:
+            kwargs = {k: v for k, v in kwargs.items() if k in self.accepted}
+        return self.fn(**kwargs)
 
     def __call__(self, prompts, completions, records) -> RewardOutput:
-        scores = torch.tensor([float(s) for s in self.fn(prompts, completions, records)], dtype=torch.float32)
+        values = self._call(prompts, completions, records)
+        scores = torch.tensor([0.0 if s is None else float(s) for s in values], dtype=torch.float32)
         return RewardOutput(scores=scores, components={self.name: scores})
 
 

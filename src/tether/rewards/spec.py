@@ -2,6 +2,7 @@
 
     reward_from_spec("rm:runs/rm")                         # a learned reward model or ensemble (LearnedReward)
     reward_from_spec("python:my_rewards:brevity")          # f(prompts, completions, records) -> list[float]
+    reward_from_spec("python:trl_rewards:accuracy")        # TRL's f(completions, **columns) works as it is
     reward_from_spec("python:path/to/rewards.py:brevity")  # the same, from a file
     reward_from_spec("arithmetic")                         # a built-in: a task's gold reward or a verifier (BUILTINS)
     reward_from_spec("rm:runs/rm*1.0+format*0.5")          # weighted sum (rewards.WeightedSum), each part logged
@@ -92,7 +93,10 @@ def source_from_term(term: str, **rm_kwargs) -> RewardSource:
         return fn
     if not callable(fn):
         raise ConfigError(f"reward {term!r} is not callable")
-    return FunctionReward(fn, name=term if term in BUILTINS else None)
+    try:
+        return FunctionReward(fn, name=term if term in BUILTINS else None)
+    except TypeError as e:  # told before any model loads, not as a traceback after the first rollout
+        raise ConfigError(f"reward {term!r} {e}") from None
 
 
 def reward_from_spec(spec: str | RewardSource, **rm_kwargs) -> RewardSource:

@@ -25,6 +25,7 @@ import torch
 from tether.tasks.pretrain import build_cached, cache_dir, pretrain, tiny_llama
 
 VERSION = 3  # 2: a pinned build thread count (byte-identical builds); 3: the loss on the answers, until learnt
+RECORD_KIND = "verifiable"  # prompt files for this task need an `answer` (its gold reward checks it)
 OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
 
 
