@@ -225,3 +225,30 @@ def test_summary_and_metrics_are_strict_json(tmp_path):
     logger.close()
     line = (tmp_path / "metrics.jsonl").read_text()
     assert "NaN" not in line and json.loads(line) == {"step": 0, "kl": None, "loss": 0.5}
+
+
+def test_run_json_records_who_ran_it(workdir, tmp_path):
+    run(config(workdir, tmp_path / "r", max_steps=1))
+    manifest = json.loads((tmp_path / "r" / "run.json").read_text())
+    assert manifest["world_size"] == 1 and manifest["versions"]["torch"] and manifest["versions"]["transformers"]
+    assert manifest["git_commit"] is None or len(manifest["git_commit"].split("+")[0]) == 40
+    assert json.loads((tmp_path / "r" / "summary.json").read_text())["world_size"] == 1
+
+
+def test_a_second_run_in_one_process_may_use_another_precision(workdir, tmp_path):
+    run(config(workdir, tmp_path / "a", max_steps=1, mixed_precision="no"))
+    summary = run(config(workdir, tmp_path / "b", max_steps=1, mixed_precision="bf16"))
+    assert math.isfinite(summary["train_loss"])
+
+
+def test_accelerate_launch_asking_for_more_processes_than_started_fails_loudly(monkeypatch, tmp_path):
+    from tether import engine
+
+    cmdline = tmp_path / "cmdline"
+    cmdline.write_bytes(b"\0".join([b"/venv/bin/python", b"/venv/bin/accelerate", b"launch", b"--cpu",
+                                     b"--num_processes", b"2", b"-m", b"tether.cli"]) + b"\0")
+    real = engine.Path
+    monkeypatch.setattr(engine, "Path", lambda p: real(cmdline) if str(p).startswith("/proc/") else real(p))
+    with pytest.raises(ConfigError, match=r"asked for 2 processes and started 1.*torchrun --nproc_per_node 2"):
+        engine.check_launch(1)
+    engine.check_launch(2)  # as many as asked: fine

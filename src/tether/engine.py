@@ -24,6 +24,7 @@ scheduler and RNG states and recomputes the data stream, so an interrupted run c
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import math
@@ -227,8 +228,9 @@ class Engine:
         if precision == "auto":
             precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
         # cpu=True without CUDA: multi-process CPU runs (torchrun, gloo) need it to form a process group
-        self.accelerator = accelerator or Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
+        self.accelerator = accelerator or new_accelerator(precision)
         self.rank, self.world_size = self.accelerator.process_index, self.accelerator.num_processes
+        check_launch(self.world_size)
         self.is_main = self.accelerator.is_main_process
         self.device = self.accelerator.device
         self.run_dir = self._resolve_run_dir(cfg.out, command)
@@ -247,7 +249,7 @@ class Engine:
             try:
                 self.run_dir.mkdir(parents=True, exist_ok=True)
                 self._lock = rundir.hold(self.run_dir, command)
-                self.accepted_changes = rundir.prepare(self.run_dir, cfg, command)
+                self.accepted_changes = rundir.prepare(self.run_dir, cfg, command, self.world_size)
             except rundir.RunDirError as e:
                 refused = [str(e)]
         if self.world_size > 1:
@@ -512,6 +514,7 @@ class Engine:
             self._progress.stop()
             self._progress = None
         if self.is_main:
+            summary.setdefault("world_size", self.world_size)
             write_atomic(self.run_dir / "summary.json", strict_json(with_undefined_noted(summary), indent=2) + "\n")
             if self.logger is not None:
                 self.logger.close()
@@ -520,6 +523,41 @@ class Engine:
                 self._lock.close()  # the run is over: another may take the directory
                 self._lock = None
         return summary
+
+
+def new_accelerator(precision: str) -> Accelerator:
+    """An Accelerator for this run. A second run in one process may ask for another precision: the process-wide
+    state accelerate keeps is reset for it (the process group, if any, stays)."""
+    from accelerate.state import AcceleratorState
+
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision", precision) != precision:
+        AcceleratorState._reset_state(reset_partial_state=False)
+    atexit.unregister(_destroy_process_group)  # one entry however many runs this process makes
+    atexit.register(_destroy_process_group)
+    return Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
+
+
+def _destroy_process_group() -> None:
+    """At exit, a distributed run leaves no process group behind (torch warns of a leak otherwise)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def check_launch(world_size: int) -> None:
+    """Fail loudly where a launcher asked for more processes than started: `accelerate launch --cpu --num_processes
+    2` runs one process on a CPU (accelerate's CPU launcher is single-process), which would train as one silently."""
+    try:
+        parent = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return
+    words = [w.decode(errors="replace") for w in parent]
+    if not any(w.endswith("accelerate") for w in words[:2]) or "launch" not in words:
+        return
+    asked = next((words[i + 1] for i, w in enumerate(words[:-1]) if w in ("--num_processes", "--num-processes")), "1")
+    if asked.isdigit() and int(asked) > world_size:
+        raise ConfigError(f"accelerate launch asked for {asked} processes and started {world_size} (its CPU launcher "
+                          f"runs one); on a CPU use `torchrun --nproc_per_node {asked} -m tether.cli ...`")
 
 
 def with_undefined_noted(summary: dict) -> dict:

@@ -93,14 +93,46 @@ def fingerprint(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def manifest(cfg, command: str) -> dict:
-    """run.json: the command, every config key, and a fingerprint of every key whose value names a file or dir."""
+def manifest(cfg, command: str, world_size: int = 1) -> dict:
+    """run.json: the command, every config key, a fingerprint of every key whose value names a file or dir, and
+    what ran it (world size, versions, the source's git commit)."""
     settings = config_to_dict(cfg)
     inputs = {}
     for key, value in settings.items():
         if key not in FREE_ON_RESUME and isinstance(value, str) and value and Path(value).exists():
             inputs[key] = fingerprint(Path(value))
-    return {"command": command, "config": settings, "inputs": inputs}
+    return {"command": command, "config": settings, "inputs": inputs, "world_size": world_size,
+            "versions": versions(), "git_commit": source_commit()}
+
+
+def versions() -> dict:
+    import platform
+    from importlib import metadata
+
+    found = {"python": platform.python_version()}
+    for name in ("tether", "torch", "transformers", "accelerate", "peft"):
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def source_commit() -> str | None:
+    """The git commit of the tether source this runs from (with "+changes" when the tree differs), or None."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[2]
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=10)
+        if head.returncode:
+            return None
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return head.stdout.strip() + ("+changes" if dirty else "")
 
 
 def changes(stored: dict, now: dict, accepted: list[str]) -> list[str]:
@@ -108,6 +140,8 @@ def changes(stored: dict, now: dict, accepted: list[str]) -> list[str]:
     out = []
     if stored.get("command") != now["command"]:
         out.append(f"command: {stored.get('command')} -> {now['command']}")
+    if stored.get("world_size", 1) != now.get("world_size", 1) and "world_size" not in accepted:
+        out.append(f"world_size: {stored.get('world_size', 1)} -> {now.get('world_size', 1)}")  # another data split
     old, new = stored.get("config", {}), now["config"]
     for key in sorted(set(old) | set(new)):
         if key in FREE_ON_RESUME or key in accepted:
@@ -121,10 +155,10 @@ def changes(stored: dict, now: dict, accepted: list[str]) -> list[str]:
     return out
 
 
-def prepare(run_dir: Path, cfg, command: str) -> list[str]:
+def prepare(run_dir: Path, cfg, command: str, world_size: int = 1) -> list[str]:
     """Check `run_dir` can take this run (module docstring), then write run.json and config.yaml atomically.
     Returns the accepted changes of a resume (keys of `resume_changed` that did change)."""
-    now = manifest(cfg, command)
+    now = manifest(cfg, command, world_size)
     accepted: list[str] = []
     if getattr(cfg, "resume", False):
         stored_file = run_dir / "run.json"
