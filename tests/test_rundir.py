@@ -252,3 +252,37 @@ def test_accelerate_launch_asking_for_more_processes_than_started_fails_loudly(m
     with pytest.raises(ConfigError, match=r"asked for 2 processes and started 1.*torchrun --nproc_per_node 2"):
         engine.check_launch(1)
     engine.check_launch(2)  # as many as asked: fine
+
+
+def test_trackers_log_under_trls_names_and_wandb_runs_offline(workdir, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = tmp_path / "r"
+    run(config(workdir, out, max_steps=2, report_to="tensorboard,wandb"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    assert {"train/loss", "train/grad_norm", "train/lr"} <= set(events.Tags()["scalars"])
+    offline = list((out / "wandb").glob("offline-run-*"))
+    assert len(offline) == 1 and list(offline[0].glob("*.wandb"))  # the run's own file, written offline
+    run(config(workdir, tmp_path / "quiet", max_steps=1, report_to="none"))
+    assert not (tmp_path / "quiet" / "tensorboard").exists()
+
+
+def test_a_missing_tracker_library_is_an_error_before_anything_runs(workdir, tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"report_to=mlflow needs the mlflow package \(pip install mlflow\)"):
+        run(config(workdir, tmp_path / "r", max_steps=1, report_to="mlflow"))
+    assert not (tmp_path / "r").exists()
+
+
+def test_every_saved_model_has_a_card_with_the_runs_figures(workdir, tmp_path):
+    summary = run(config(workdir, tmp_path / "r", max_steps=2))
+    card = (tmp_path / "r" / "model" / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: transformers\ntags:\n- tether\n- sft\n---")
+    assert "| max_steps | `2` |" in card and f"| train_loss | {summary['train_loss']:.4g} |" in card

@@ -40,8 +40,9 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
-from tether import rundir
+from tether import rundir, trackers
 from tether.config import ConfigError, above, at_least, between, one_of, opt
+from tether.model_card import write_card
 from tether.runfiles import strict_json, write_atomic
 
 log = logging.getLogger(__name__)
@@ -93,6 +94,8 @@ class CheckpointFields(Fields):
     save_every: int = opt(0, "checkpoint every N steps (0 = only at the end)", check=at_least(0))
     keep_checkpoints: int = opt(2, "how many recent checkpoints to keep (the newest always)", check=at_least(1))
     resume: bool = opt(False, "continue the run in `out` from its newest complete checkpoint (same settings only)")
+    report_to: list[str] = opt(["tensorboard"], "where metrics go besides metrics.jsonl (TRL's names: train/, eval/)",
+                               check=one_of(*trackers.NAMES))
     resume_changed: list[str] = opt([], "resume: keys whose new value is accepted though the run used another")
     overwrite: bool = opt(False, "replace the earlier run in `out` (its files are deleted first)")
 
@@ -169,33 +172,27 @@ def steps_for(n_examples: int, global_batch: int, epochs: float, max_steps: int)
 
 
 class MetricsLogger:
-    """metrics.jsonl (one JSON object per logged step) + TensorBoard events, on the main process only."""
+    """metrics.jsonl (one JSON object per logged step) and the trackers of `report_to` (trackers.py), on the main
+    process only."""
 
-    def __init__(self, run_dir: Path, resume_step: int | None = None):
+    def __init__(self, run_dir: Path, resume_step: int | None = None, trackers: list | None = None):
         self.path = run_dir / "metrics.jsonl"
         if resume_step is not None and self.path.exists():  # drop lines past the checkpoint: same file as uninterrupted
             kept = [ln for ln in self.path.read_text().splitlines() if _step_of(ln) < resume_step]
             write_atomic(self.path, "".join(ln + "\n" for ln in kept))
         self.file = self.path.open("a")
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
-        except ImportError:  # tensorboard is a dependency; keep training if a slim install lacks it
-            self.tb = None
+        self.trackers = trackers or []
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         self.file.write(strict_json({"step": step, **metrics}) + "\n")
         self.file.flush()
-        if self.tb is not None:
-            for key, value in metrics.items():
-                if isinstance(value, (int, float)) and math.isfinite(value):
-                    self.tb.add_scalar(key, value, step)
+        for tracker in self.trackers:
+            tracker.log(metrics, step)
 
     def close(self) -> None:
         self.file.close()
-        if self.tb is not None:
-            self.tb.close()
+        for tracker in self.trackers:
+            tracker.close()
 
 
 def _step_of(line: str) -> float:
@@ -231,6 +228,7 @@ class Engine:
         self.accelerator = accelerator or new_accelerator(precision)
         self.rank, self.world_size = self.accelerator.process_index, self.accelerator.num_processes
         check_launch(self.world_size)
+        trackers.check(getattr(cfg, "report_to", []))  # a missing library is an error before anything runs
         self.is_main = self.accelerator.is_main_process
         self.device = self.accelerator.device
         self.run_dir = self._resolve_run_dir(cfg.out, command)
@@ -243,7 +241,7 @@ class Engine:
         self._t0, self._tokens, self._window = time.time(), 0, (time.time(), 0)
         self._progress = None
         self.logger: MetricsLogger | None = None
-        self._lock, self.accepted_changes, self._snapshot = None, [], None
+        self._lock, self.accepted_changes, self._snapshot, self._saved_models = None, [], None, []
         refused = [None]
         if self.is_main:  # one writer per directory, one run per directory (rundir.py)
             try:
@@ -401,7 +399,9 @@ class Engine:
         self._window = (now, self._tokens)
         if self.is_main and (force or step % self.cfg.log_every == 0 or step == self.total_steps - 1):
             if self.logger is None:
-                self.logger = MetricsLogger(self.run_dir, self.resumed_from if self.cfg.resume else None)
+                opened = trackers.open_trackers(getattr(self.cfg, "report_to", ["tensorboard"]), self.run_dir,
+                                                self.cfg, self.command)
+                self.logger = MetricsLogger(self.run_dir, self.resumed_from if self.cfg.resume else None, opened)
             self.logger.write(step, metrics)
         self._advance_progress(step, metrics)
 
@@ -503,6 +503,8 @@ class Engine:
 
             merge = self.cfg.merge_lora if merge is None else merge
             save_pretrained(self.unwrap(model), path, tokenizer=tokenizer, merge_lora=merge)
+            write_card(path, self.command, self.cfg)  # completed with the run's figures by finish()
+            self._saved_models.append(path)
         self.accelerator.wait_for_everyone()
         return path
 
@@ -515,6 +517,8 @@ class Engine:
             self._progress = None
         if self.is_main:
             summary.setdefault("world_size", self.world_size)
+            for path in self._saved_models:
+                write_card(path, self.command, self.cfg, summary)
             write_atomic(self.run_dir / "summary.json", strict_json(with_undefined_noted(summary), indent=2) + "\n")
             if self.logger is not None:
                 self.logger.close()
