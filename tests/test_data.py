@@ -526,3 +526,52 @@ def test_packed_nll_equals_unpacked(tok, attn):
                                     reduction="sum")
     assert packed_nll.item() == pytest.approx(unpacked_nll.item(), rel=1e-5)
     assert abs(leaky_nll.item() - unpacked_nll.item()) > 1e-3
+
+
+# --- TRL's formats and sources (tests/test_trl_formats.py trains each) ------------------------------------------------
+def test_parse_source_splits_paths_and_hub_ids(tmp_path):
+    (tmp_path / "dd").mkdir()
+    (tmp_path / "odd:name.jsonl").write_text("")  # a name that exists is the path, colon and all
+    assert D.parse_source(tmp_path / "dd") == (tmp_path / "dd", None, None)
+    assert D.parse_source(f"{tmp_path / 'dd'}:test") == (tmp_path / "dd", None, "test")
+    assert D.parse_source(tmp_path / "odd:name.jsonl") == (tmp_path / "odd:name.jsonl", None, None)
+    assert D.parse_source("org/name") == ("org/name", None, None)
+    assert D.parse_source("org/name:train") == ("org/name", None, "train")
+    assert D.parse_source("org/name:cfg:train") == ("org/name", "cfg", "train")
+    # not Hub IDs: a data file's name, a relative path with more parts, a missing file with a split
+    from pathlib import Path
+
+    assert D.parse_source("data/prefs.jsonl") == (Path("data/prefs.jsonl"), None, None)
+    assert D.parse_source("a/b/c") == (Path("a/b/c"), None, None)
+    assert D.parse_source("absent.jsonl:train") == (Path("absent.jsonl:train"), None, None)
+    with pytest.raises(D.DataError, match="^data/prefs.jsonl: no such file or directory$"):
+        D.load_records("data/prefs.jsonl", "pairs")
+
+
+def test_encode_records_names_the_line_of_a_record_that_fails_to_encode(tmp_path, tok):
+    path = write_lines(tmp_path / "d.jsonl", ['{"prompt": "a", "completion": "b"}', "",
+                                              json.dumps({"messages": CHAT[1:3]})])
+    records = D.load_records(path, "demonstrations")
+    assert records.lines == [1, 3]
+    with pytest.raises(D.DataError) as info:  # a chat, and this tokenizer has no chat template
+        D.encode_records(D.encode_demonstration, tok, records, 8, 8)
+    assert (info.value.path, info.value.line, info.value.field) == (path, 3, "messages")
+    examples, stats = D.encode_records(D.encode_demonstration, tok, records[:1], 8, 8)  # a plain list: no lines
+    assert examples == [D.encode_demonstration(tok, records[0], 8, 8)] and stats.examples == 1
+
+
+def test_new_forms_validate_and_old_messages_stay(tmp_path):
+    user, reply = CHAT[1:2], CHAT[2:3]
+    valid = {
+        "demonstrations": [{"text": "the film"}, {"prompt": user, "completion": reply}],
+        "pairs": [{"prompt": user, "chosen": reply, "rejected": CHAT[4:5]}, {"chosen": "a b", "rejected": "a c"},
+                  {"chosen": user + reply, "rejected": user + CHAT[4:5]}],
+        "unpaired": [{"prompt": user, "completion": reply, "label": False}],
+    }
+    for kind, records in valid.items():
+        for record in records:
+            assert D.validate_record(record, kind) is record
+    # a record without 'completion' or 'messages' is still asked for them, not for 'text'
+    with pytest.raises(D.DataError, match="field 'completion': missing"):
+        D.validate_record({"prompt": "hi"}, "demonstrations")
+    assert D.prompt_of({"chosen": user + reply, "rejected": user + CHAT[4:5]}) == user

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from tether.config import load_config
+from tether.config import ConfigError, load_config
 from tether.recipes import dpo as R
 from tether.testing import save_tiny
 
@@ -130,3 +130,24 @@ def test_rankings_train_as_their_pairs(setup):
                 tok.decode(e.rejected_ids, skip_special_tokens=True).strip()) for e in examples[:3]]
     assert len(examples) == 12 and decoded == [("great .", "fine ."), ("great .", "bad ."), ("fine .", "bad .")]
     assert math.isfinite(run(setup, data=str(setup / "ranked.jsonl"), max_steps=2)["train_loss"])
+
+
+def test_pair_weights_and_margins_are_the_losses_own(setup):
+    """Step 0 (policy = reference, h = 0): a pair's DPO loss is −log σ(−m) = log(1 + e^m), weighted by its weight.
+    Margins [0, 1, 0, 1], weights [1, 3, 1, 3]: (2·ln 2 + 6·log(1 + e)) / 8 = (1.38629 + 7.87957) / 8 = 1.15823."""
+    path = setup / "weighted.jsonl"
+    rows = [{"prompt": "the film was", "chosen": "good and great .", "rejected": "bad .", "margin": float(i % 2),
+             "weight": 1.0 + 2 * (i % 2)} for i in range(4)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run(setup, data=str(path), max_steps=1, batch_size=4)
+    assert metrics(setup)[0]["loss"] == pytest.approx((2 * math.log(2) + 6 * math.log(1 + math.e)) / 8, abs=1e-5)
+    with pytest.raises(ConfigError, match="margin.*cannot use; use loss=dpo | hinge | robust_dpo"):
+        run(setup, data=str(path), loss="ipo", out=str(setup / "ipo"))
+
+
+def test_held_out_pairs_are_evaluated(setup):
+    summary = run(setup, max_steps=4, eval_every=2, eval_data=str(setup / "pairs.jsonl"))
+    lines = metrics(setup)
+    assert [("eval/loss" in x) for x in lines] == [False, True, False, True]
+    assert lines[1]["eval/loss"] < math.log(2) and summary["eval_reward_accuracy"] == 1.0
+    assert summary["eval_loss"] == pytest.approx(lines[-1]["eval/loss"]) and summary["eval_pairs"] == 16

@@ -183,6 +183,17 @@ def _preference_metrics(chosen_rewards: Tensor, rejected_rewards: Tensor) -> dic
             "rewards/margins": (c - r).mean(), "rewards/accuracies": (c > r).float().mean()}
 
 
+def pair_mean(losses: Tensor, weight: Tensor | None = None) -> Tensor:
+    """The mean of per-pair losses (B,), or their weighted mean Σ w_i ℓ_i / Σ w_i with a pair's `weight` field
+    (None: every pair counts 1, the plain mean)."""
+    return losses.mean() if weight is None else (weight * losses).sum() / weight.sum()
+
+
+def _shifted(logits: Tensor, margin: Tensor | None) -> Tensor:
+    """βh − m with a pair's `margin` m (how much more yw is preferred; Llama 2's RM margin, ODPO's offset)."""
+    return logits if margin is None else logits - margin
+
+
 def dpo_sigmoid_loss(
     chosen_logps: Tensor,
     rejected_logps: Tensor,
@@ -190,17 +201,20 @@ def dpo_sigmoid_loss(
     ref_rejected_logps: Tensor,
     beta: float = 0.1,
     label_smoothing: float = 0.0,
+    margin: Tensor | None = None,
+    weight: Tensor | None = None,
 ) -> tuple[Tensor, dict]:
-    """DPO (Rafailov et al. 2023), cDPO when ε > 0: L = −(1−ε) log σ(βh) − ε log σ(−βh),
-    h = (log πθ(yw) − log πref(yw)) − (log πθ(yl) − log πref(yl)), summed token log-probs.
+    """DPO (Rafailov et al. 2023), cDPO when ε > 0: L = −(1−ε) log σ(βh − m) − ε log σ(−(βh − m)),
+    h = (log πθ(yw) − log πref(yw)) − (log πθ(yl) − log πref(yl)), summed token log-probs; m a pair's margin (0 by
+    default: ODPO's offset, Amini et al. 2024), pairs weighted by `weight` (`pair_mean`).
 
     docs/reference.md §DPO family; with πθ = πref the loss is ln 2. Shapes: all inputs (B,) -> scalar (mean over
     pairs).
     """
     chosen_ratio, rejected_ratio = chosen_logps - ref_chosen_logps, rejected_logps - ref_rejected_logps  # (B,)
-    logits = beta * (chosen_ratio - rejected_ratio)
+    logits = _shifted(beta * (chosen_ratio - rejected_ratio), margin)
     losses = -(1 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
-    return losses.mean(), _preference_metrics(beta * chosen_ratio, beta * rejected_ratio)
+    return pair_mean(losses, weight), _preference_metrics(beta * chosen_ratio, beta * rejected_ratio)
 
 
 def rpo_nll(chosen_logps: Tensor, chosen_lengths: Tensor) -> Tensor:
@@ -220,6 +234,8 @@ def robust_dpo_loss(
     ref_rejected_logps: Tensor,
     beta: float = 0.1,
     label_smoothing: float = 0.1,
+    margin: Tensor | None = None,
+    weight: Tensor | None = None,
 ) -> tuple[Tensor, dict]:
     """Robust DPO (Chowdhury et al. 2024), unbiased under label flips with rate ε < 1/2:
     L = [−(1−ε) log σ(βh) + ε log σ(−βh)] / (1 − 2ε), h as in DPO.
@@ -229,10 +245,10 @@ def robust_dpo_loss(
     if not 0 <= label_smoothing < 0.5:
         raise ValueError(f"robust DPO needs 0 <= label_smoothing < 0.5, got {label_smoothing}")
     chosen_ratio, rejected_ratio = chosen_logps - ref_chosen_logps, rejected_logps - ref_rejected_logps
-    logits = beta * (chosen_ratio - rejected_ratio)
+    logits = _shifted(beta * (chosen_ratio - rejected_ratio), margin)
     eps = label_smoothing
     losses = (-(1 - eps) * F.logsigmoid(logits) + eps * F.logsigmoid(-logits)) / (1 - 2 * eps)
-    return losses.mean(), _preference_metrics(beta * chosen_ratio, beta * rejected_ratio)
+    return pair_mean(losses, weight), _preference_metrics(beta * chosen_ratio, beta * rejected_ratio)
 
 
 def ipo_loss(
@@ -241,6 +257,7 @@ def ipo_loss(
     ref_chosen_logps: Tensor,
     ref_rejected_logps: Tensor,
     beta: float = 0.1,
+    weight: Tensor | None = None,
 ) -> tuple[Tensor, dict]:
     """IPO (Azar et al. 2023): L = (h − 1/(2τ))², h the log-ratio difference of per-token MEAN log-probs; τ = beta.
 
@@ -251,7 +268,7 @@ def ipo_loss(
     chosen_ratio, rejected_ratio = chosen_logps - ref_chosen_logps, rejected_logps - ref_rejected_logps
     h = chosen_ratio - rejected_ratio
     losses = (h - 1 / (2 * beta)) ** 2
-    return losses.mean(), _preference_metrics(beta * chosen_ratio, beta * rejected_ratio)
+    return pair_mean(losses, weight), _preference_metrics(beta * chosen_ratio, beta * rejected_ratio)
 
 
 def hinge_loss(
@@ -260,17 +277,20 @@ def hinge_loss(
     ref_chosen_logps: Tensor,
     ref_rejected_logps: Tensor,
     beta: float = 0.1,
+    margin: Tensor | None = None,
+    weight: Tensor | None = None,
 ) -> tuple[Tensor, dict]:
-    """SLiC-HF hinge (Zhao et al. 2023) on the DPO log-ratio: L = max(0, 1 − βh), summed token log-probs.
+    """SLiC-HF hinge (Zhao et al. 2023) on the DPO log-ratio: L = max(0, 1 − (βh − m)), summed token log-probs.
 
     Shapes: all inputs (B,) -> scalar.
     """
     chosen_ratio, rejected_ratio = chosen_logps - ref_chosen_logps, rejected_logps - ref_rejected_logps
-    losses = torch.relu(1 - beta * (chosen_ratio - rejected_ratio))
-    return losses.mean(), _preference_metrics(beta * chosen_ratio, beta * rejected_ratio)
+    losses = torch.relu(1 - _shifted(beta * (chosen_ratio - rejected_ratio), margin))
+    return pair_mean(losses, weight), _preference_metrics(beta * chosen_ratio, beta * rejected_ratio)
 
 
-def simpo_loss(chosen_logps: Tensor, rejected_logps: Tensor, beta: float = 2.0, gamma: float = 1.0) -> tuple[Tensor, dict]:
+def simpo_loss(chosen_logps: Tensor, rejected_logps: Tensor, beta: float = 2.0, gamma: float = 1.0,
+               weight: Tensor | None = None) -> tuple[Tensor, dict]:
     """SimPO (Meng et al. 2024), no reference: L = −log σ(β·logπθ(yw)/|yw| − β·logπθ(yl)/|yl| − γ).
 
     docs/reference.md §DPO family. Inputs are per-token MEAN log-probs (the 1/|y| of the formula), see
@@ -278,7 +298,7 @@ def simpo_loss(chosen_logps: Tensor, rejected_logps: Tensor, beta: float = 2.0, 
     Shapes: chosen_logps, rejected_logps (B,) -> scalar. Metrics rewards = β·mean log-prob.
     """
     logits = beta * (chosen_logps - rejected_logps) - gamma
-    return -F.logsigmoid(logits).mean(), _preference_metrics(beta * chosen_logps, beta * rejected_logps)
+    return pair_mean(-F.logsigmoid(logits), weight), _preference_metrics(beta * chosen_logps, beta * rejected_logps)
 
 
 def _log1mexp(x: Tensor) -> Tensor:
@@ -288,7 +308,8 @@ def _log1mexp(x: Tensor) -> Tensor:
 
 
 def orpo_loss(
-    chosen_logps: Tensor, rejected_logps: Tensor, chosen_nll: Tensor | None = None, lam: float = 0.1
+    chosen_logps: Tensor, rejected_logps: Tensor, chosen_nll: Tensor | None = None, lam: float = 0.1,
+    weight: Tensor | None = None,
 ) -> tuple[Tensor, dict]:
     """ORPO (Hong et al. 2024), no reference: L = NLL(yw) + λ·(−log σ(log odds(yw) − log odds(yl))),
     odds = P/(1−P), P = exp(mean token log-prob).
@@ -298,8 +319,8 @@ def orpo_loss(
     Metrics rewards = λ·mean log-prob, plus nll and log_odds_ratio.
     """
     log_odds = (chosen_logps - _log1mexp(chosen_logps)) - (rejected_logps - _log1mexp(rejected_logps))  # (B,)
-    nll = -chosen_logps.mean() if chosen_nll is None else chosen_nll
-    loss = nll + lam * -F.logsigmoid(log_odds).mean()
+    nll = pair_mean(-chosen_logps, weight) if chosen_nll is None else chosen_nll
+    loss = nll + lam * pair_mean(-F.logsigmoid(log_odds), weight)
     metrics = _preference_metrics(lam * chosen_logps, lam * rejected_logps)
     metrics.update({"nll": nll.detach(), "log_odds_ratio": log_odds.detach().mean()})
     return loss, metrics
@@ -351,13 +372,14 @@ class LossSpec:
     logp_average: bool  # sequence log-prob = per-token mean (True) or sum (False), see `sequence_logprobs`
     hparams: tuple[str, ...] = ("beta",)  # keyword hyperparameters the function takes
     paired: bool = True  # chosen/rejected pairs (False: KTO's unpaired labelled completions)
+    takes_margin: bool = False  # a pair's `margin` field shifts the loss (else a data set with margins is refused)
 
 
 PREFERENCE_LOSSES: dict[str, LossSpec] = {
-    "dpo": LossSpec(dpo_sigmoid_loss, True, False, ("beta", "label_smoothing")),
-    "robust_dpo": LossSpec(robust_dpo_loss, True, False, ("beta", "label_smoothing")),
+    "dpo": LossSpec(dpo_sigmoid_loss, True, False, ("beta", "label_smoothing"), takes_margin=True),
+    "robust_dpo": LossSpec(robust_dpo_loss, True, False, ("beta", "label_smoothing"), takes_margin=True),
     "ipo": LossSpec(ipo_loss, True, True),
-    "hinge": LossSpec(hinge_loss, True, False),
+    "hinge": LossSpec(hinge_loss, True, False, takes_margin=True),
     "simpo": LossSpec(simpo_loss, False, True, ("beta", "gamma")),
     "orpo": LossSpec(orpo_loss, False, True, ("lam",)),
     "kto": LossSpec(kto_loss, True, False, ("beta", "desirable_weight", "undesirable_weight"), paired=False),

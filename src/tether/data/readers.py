@@ -1,4 +1,16 @@
-"""Row readers (.jsonl/.json lines, Parquet, `save_to_disk` directories), load_records, detect_kind, write_jsonl."""
+"""Row readers (.jsonl/.json lines, Parquet, `save_to_disk` directories, dataset repositories and Hub IDs through
+`datasets.load_dataset`), load_records, detect_kind, write_jsonl.
+
+A source is a path or a Hugging Face dataset ID, with a split after a colon where the data has splits:
+    prefs.jsonl | prefs.parquet | saved_dataset/                  one table: no split
+    saved_dataset_dict/:test                                      a `DatasetDict.save_to_disk` directory, split "test"
+    repo_dir/:train                                               a dataset repository folder (data files, no script)
+    trl-lib/ultrafeedback_binarized:train                          a Hub dataset ID (org/name), split "train"
+    org/name:config:train                                         ... with a configuration (subset)
+A source with splits and none named is refused with the list of its splits. Hub IDs are read by
+`datasets.load_dataset(id, name=config, split=split)`: downloaded once into the Hugging Face cache, and read from
+that cache with HF_HUB_OFFLINE=1. A name that exists as a path is always the path.
+"""
 
 from __future__ import annotations
 
@@ -15,13 +27,15 @@ log = logging.getLogger(__name__)
 
 
 class Records(list):
-    """A list of validated records with the file they came from and the (line, message) of records skipped."""
+    """A list of validated records with the source they came from, the line of each record (`lines`) and the
+    (line, message) of records skipped."""
 
     def __init__(self, items: Iterable[dict] = (), path: str | Path | None = None, kind: str | None = None,
-                 skipped: list[tuple[int, str]] | None = None):
+                 skipped: list[tuple[int, str]] | None = None, lines: list[int] | None = None):
         super().__init__(items)
         self.path, self.kind = path, kind
         self.skipped: list[tuple[int, str]] = skipped if skipped is not None else []
+        self.lines: list[int] = lines if lines is not None else []
 
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[int, object]]:
@@ -96,32 +110,101 @@ def _parquet_rows(path: Path) -> Iterator[tuple[int, object]]:
             yield number, _drop_nulls(row)
 
 
-def _saved_dataset_rows(path: Path) -> Iterator[tuple[int, object]]:
+def _one_split(ds, split: str | None, source: str, saved: bool = False):
+    """The table of a loaded dataset: `split` of a DatasetDict (required), a Dataset as it is (no split allowed)."""
     import datasets
 
-    try:
-        ds = datasets.load_from_disk(str(path))
-    except FileNotFoundError:
-        raise DataError("is a directory but not a dataset saved with `Dataset.save_to_disk`", path) from None
-    if isinstance(ds, datasets.DatasetDict):
-        raise DataError(f"is a DatasetDict with splits {list(ds)}; give one split's directory, "
-                        f"e.g. {path}/{next(iter(ds))}", path)
+    if isinstance(ds, (datasets.DatasetDict, datasets.IterableDatasetDict)):
+        if split is None:
+            first = next(iter(ds))
+            also = f" (or give the split's directory, {source}/{first})" if saved else ""
+            raise DataError(f"is a DatasetDict with splits {list(ds)}; name one as {source}:{first}{also}", source)
+        if split not in ds:
+            raise DataError(f"has no split '{split}'; its splits are {list(ds)}", source)
+        return ds[split]
+    if split is not None:
+        raise DataError(f"is a single dataset without splits; drop ':{split}'", source)
+    return ds
+
+
+def _dataset_rows(ds) -> Iterator[tuple[int, object]]:
     for number, row in enumerate(ds, start=1):
         yield number, _drop_nulls(row)
 
 
+def _directory_rows(path: Path, split: str | None) -> Iterator[tuple[int, object]]:
+    """A `save_to_disk` directory, else a dataset repository folder (data files) read by datasets.load_dataset."""
+    import datasets
+
+    try:
+        ds = _one_split(datasets.load_from_disk(str(path)), split, str(path), saved=True)
+    except FileNotFoundError:
+        ds = _load_dataset(str(path), None, split, str(path), "is a directory but not a dataset saved with "
+                           "`Dataset.save_to_disk`, and datasets.load_dataset cannot read it")
+    yield from _dataset_rows(ds)
+
+
+def _load_dataset(name: str, config: str | None, split: str | None, source: str, failure: str):
+    """datasets.load_dataset(name, config, split=split): the split's table (without a split, a DataError listing the
+    splits); its errors as one DataError "`failure` (<error type>: <first line>)"."""
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(name, config, split=split)
+    except (OSError, ValueError, RuntimeError, datasets.exceptions.DatasetsError) as e:  # ConnectionError is OSError
+        if isinstance(e, datasets.exceptions.DatasetGenerationError) and e.__cause__ is not None:
+            e = e.__cause__  # "An error occurred while generating the dataset": the cause says which
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise DataError(f"{failure} ({type(e).__name__}: {first})", source) from None
+    return ds if split is not None else _one_split(ds, None, source)
+
+
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
+
+
+def parse_source(source: str | Path) -> tuple[Path | str, str | None, str | None]:
+    """(path or Hub ID, config, split) of a source "PATH", "PATH:split", "org/name[:split]" or
+    "org/name:config:split" (module docstring); a name that exists as a path is that path, whole."""
+    text = str(source)
+    if Path(text).exists() or ":" not in text:
+        return (text if _is_hub_id(text) else Path(text)), None, None
+    base, _, split = text.rpartition(":")
+    if Path(base).exists():
+        return Path(base), None, split or None
+    base, _, config = base.rpartition(":") if ":" in base else ("", "", base)
+    name = base or config
+    if _is_hub_id(name):
+        return name, (config if base else None), split or None
+    return Path(text), None, None
+
+
+def _is_hub_id(text: str) -> bool:
+    return bool(HUB_ID.fullmatch(text)) and not Path(text).exists() and not text.endswith(DATA_SUFFIXES)
+
+
 def read_rows(path: str | Path) -> Iterator[tuple[int, object]]:
-    """(line, row) of a .jsonl/.json lines file, a .parquet file or a `save_to_disk` directory, unvalidated.
+    """(line, row) of a source (module docstring: a .jsonl/.json lines file, a .parquet file, a `save_to_disk`
+    directory, a dataset repository folder or a Hub ID, with ":split" where it has splits), unvalidated. A row of
+    a table is "line" number (row index + 1).
 
     A line that is not valid UTF-8 JSON (or nests more than MAX_JSON_DEPTH levels, or holds an integer too long
     for Python to read) comes back as a DataError value (so callers may skip it); a missing,
     unreadable or unsupported file raises DataError.
     """
-    path = Path(path)
+    where, config, split = parse_source(path)
+    if isinstance(where, str):  # a Hub dataset ID
+        ds = _load_dataset(where, config, split, str(path), "no such file or directory, and datasets.load_dataset "
+                           "cannot load it as a Hugging Face dataset")
+        yield from _dataset_rows(ds)
+        return
+    path = where
     if not path.exists():
         raise DataError("no such file or directory", path)
     if path.is_dir():
-        yield from _saved_dataset_rows(path)
+        yield from _directory_rows(path, split)
+    elif split is not None:
+        raise DataError(f"is a file without splits; drop ':{split}'", path)
     elif path.suffix == ".parquet":
         yield from _parquet_rows(path)
     elif path.suffix in (".jsonl", ".json"):
@@ -145,6 +228,7 @@ def load_records(path: str | Path, kind: str, skip_invalid: bool = False) -> Rec
             if isinstance(row, DataError):
                 raise row
             records.append(validate_record(row, kind, path, line))
+            records.lines.append(line)
         except DataError as e:
             if not skip_invalid:
                 raise

@@ -1,12 +1,15 @@
 """Record kinds and what a valid one is: DataError, SCHEMAS (a check per kind), validate_record; prompt_of,
-expand_ranking.
+extract_prompt, expand_ranking.
 
 Beyond the field types of each kind (data/__init__.py lists them), a valid record has
 - strings that are valid Unicode: no lone surrogate ("\\ud800" in the JSON text decodes, but tokenizers crash on it);
 - pairs: `margin` finite with |margin| <= 1e4 (MAX_MARGIN), `weight` with 0 < weight <= 1e4 (MAX_WEIGHT): larger
   values give a non-finite loss;
 - verifiable: `tests` (each item of a list, or the one string) that compiles as Python, and a string form with at
-  least one statement; nothing is run here.
+  least one statement; nothing is run here;
+- a completion given as turns (TRL's conversational format) follows a chat prompt and opens with an assistant turn;
+  a pair's chosen and rejected are both strings or both turns; a pair without a prompt has it implicit in chosen and
+  rejected (`extract_prompt`, which says what a valid implicit prompt is).
 Validation never recurses into values and prints them in messages through `_show`, which never raises: a deeply
 nested value gives a DataError (or passes), never a RecursionError.
 """

@@ -1,4 +1,5 @@
-"""Labels -> preference pairs `{"prompt", "chosen", "rejected"}` for `tether rm` and `tether dpo`.
+"""Labels -> preference pairs `{"prompt", "chosen", "rejected"}` for `tether rm` and `tether dpo`: strings after a
+string prompt; after a chat prompt, each response as one assistant turn (TRL's conversational format).
 
     tether label export --db feedback.sqlite --out prefs.jsonl               # one pair per item, majority vote
     tether label export --db feedback.sqlite --out prefs.jsonl --mode all    # one pair per label, with "rater"
@@ -27,8 +28,12 @@ MODES = ("majority", "all")
 
 
 def _pair(label: dict, winner: int) -> dict:
+    """A pair in one of TRL's two formats: strings after a string prompt; after a chat prompt (turns) the responses
+    as assistant turns, so that every field is turns (TRL's `is_conversational` looks at any one of them)."""
     chosen, rejected = (label["response_0"], label["response_1"]) if winner == 0 else \
         (label["response_1"], label["response_0"])
+    if isinstance(label["prompt"], list):
+        chosen, rejected = ([{"role": "assistant", "content": text}] for text in (chosen, rejected))
     return {"prompt": label["prompt"], "chosen": chosen, "rejected": rejected}
 
 

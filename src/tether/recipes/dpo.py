@@ -85,6 +85,8 @@ class DPOConfig(HeldOutFields, PreferenceFields, TrainConfig):
     model: str = opt("", "policy to train, usually the SFT model (also the reference; required)")
     data: str = opt("", "preference pairs {prompt, chosen, rejected}, K-way rankings (as their C(K,2) pairs), or "
                         "unpaired {prompt, completion, label} for kto")
+    eval_data: str = opt("", "held-out pairs (same kinds as data): loss, reward accuracy and margin every eval_every "
+                             "steps and at the end, in metrics.jsonl under eval/ and in summary.json")
     skip_invalid: bool = opt(False, "skip invalid records (reported) instead of stopping at the first")
     lr: float = opt(5e-6, "peak learning rate (AdamW)", check=above(0))
 
@@ -104,15 +106,10 @@ def encode(cfg, tokenizer, paired: bool, path: str | None = None, skip_invalid: 
     kind = "unpaired" if not paired else D.detect_kind(path)
     records = D.load_records(path, kind, skip_invalid=skip_invalid)
     if kind == "rankings":
-        records = [pair for ranking in records for pair in D.expand_ranking(ranking)]
+        pairs = [(pair, line) for ranking, line in zip(records, records.lines) for pair in D.expand_ranking(ranking)]
+        records = D.Records([p for p, _ in pairs], path, "pairs", lines=[line for _, line in pairs])
     encode_one = D.encode_pair if paired else D.encode_unpaired
-    stats, out = D.TruncationStats(), []
-    for rec in records:
-        ex = encode_one(tokenizer, rec, cfg.max_prompt_len, cfg.max_completion_len)
-        stats.update(ex)
-        out.append(ex)
-    stats.warn_if_any(log)
-    return out
+    return D.encode_records(encode_one, tokenizer, records, cfg.max_prompt_len, cfg.max_completion_len, log)[0]
 
 
 def collate(examples: list, pad_id: int, paired: bool) -> dict:
@@ -126,10 +123,15 @@ def collate(examples: list, pad_id: int, paired: bool) -> dict:
     return batch
 
 
-def loss_for(spec, cfg: DPOConfig, logps: torch.Tensor, ref: tuple | None, labels=None):
+def loss_for(spec, cfg: DPOConfig, logps: torch.Tensor, ref: tuple | None, labels=None, margin=None, weight=None):
     """The named loss of a collated batch's log-probs (chosen rows, then rejected rows; KTO: matched rows, then the
-    mismatched rows of its reference point) and the reference's (chosen, rejected) pair of (b,) tensors."""
+    mismatched rows of its reference point) and the reference's (chosen, rejected) pair of (b,) tensors; a pair's
+    `margin` and `weight` fields (b,) where the data set has them (None: none)."""
     hp = {h: getattr(cfg, h) for h in spec.hparams}
+    if weight is not None:
+        hp["weight"] = weight
+    if margin is not None:
+        hp["margin"] = margin
     policy, policy_other = D.split_pairs(logps)
     if not spec.paired:
         return spec.fn(policy, ref[0], labels, policy_other, ref[1], **hp)
@@ -174,6 +176,29 @@ def reference_logps(engine, model, examples, cfg, spec, pad_id, cache_dir: Path 
     return cached
 
 
+@torch.no_grad()
+def pairs_eval(engine, model, examples, ref, spec, cfg, pad) -> dict:
+    """The loss and the implicit reward's accuracy and margin on held-out pairs (`eval_data`), under eval/ keys: the
+    mean over pairs of the same loss the training uses (weights and margins included)."""
+    weighted, margined = pair_fields(spec, examples)
+    was_training = model.training
+    model.eval()
+    sums, total = {}, 0.0
+    for i in range(0, len(examples), cfg.batch_size):
+        idx = list(range(i, min(i + cfg.batch_size, len(examples))))
+        batch = {k: v.to(engine.device) for k, v in collate([examples[j] for j in idx], pad, spec.paired).items()}
+        logps = sequence_logps(model, batch, spec.logp_average, cfg.padding_free)
+        ref_pair = None if ref is None else (ref[idx, 0].to(engine.device), ref[idx, 1].to(engine.device))
+        loss, parts = loss_for(spec, cfg, logps, ref_pair, batch.get("label"),
+                               batch["margin"] if margined else None, batch["weight"] if weighted else None)
+        n = float(sum(examples[j].weight for j in idx)) if weighted else float(len(idx))
+        for key, value in {"loss": loss, **parts}.items():
+            sums[key] = sums.get(key, 0.0) + float(value.float().mean()) * n
+        total += n
+    model.train(was_training)
+    return {f"eval/{k}": v / total for k, v in sums.items()}
+
+
 def held_out(cfg, policy, ref_model, tokenizer, task, records) -> dict:
     """Gold reward, KL to the reference, length, ... of the policy on the held-out prompts (numbers only)."""
     return held_out_eval(policy, tokenizer, task, records, n_samples=cfg.eval_samples,
@@ -181,21 +206,39 @@ def held_out(cfg, policy, ref_model, tokenizer, task, records) -> dict:
                          seed=cfg.seed)[0]
 
 
+def pair_fields(spec, examples: list) -> tuple[bool, bool]:
+    """(weighted, margined): whether the pairs carry weights other than 1 and margins other than 0 (then the loss
+    uses them); ConfigError naming the loss when the pairs have margins it has no use for."""
+    weighted = spec.paired and any(getattr(e, "weight", 1.0) != 1.0 for e in examples)
+    margined = spec.paired and any(getattr(e, "margin", 0.0) != 0.0 for e in examples)
+    if margined and not spec.takes_margin:
+        usable = sorted(name for name, s in PREFERENCE_LOSSES.items() if s.takes_margin)
+        raise ConfigError(f"the pairs have 'margin' fields, which loss {spec.fn.__name__} cannot use; use loss="
+                          f"{' | '.join(usable)}, or drop the margins")
+    return weighted, margined
+
+
 def train_step(engine, model, examples, ref, spec, cfg, pad, step: int, data_step: int | None = None) -> dict:
-    """One optimizer step over the micro-batches of `data_step` (default `step`) of `examples`; returns metrics."""
+    """One optimizer step over the micro-batches of `data_step` (default `step`) of `examples`; returns metrics.
+
+    With weighted pairs each micro-batch's weighted mean counts by its share of the global weight, so the step's
+    loss is Σ w_i ℓ_i / Σ w_i over the global batch (as unweighted pairs give the plain global mean)."""
+    weighted, margined = pair_fields(spec, examples)
     micro = engine.micro_batches(step if data_step is None else data_step, len(examples))
-    n_global = engine.all_sum(sum(len(m) for m in micro))
+    size = (lambda idx: sum(examples[i].weight for i in idx)) if weighted else len  # noqa: E731
+    n_global = engine.all_sum(sum(size(m) for m in micro))
     sums: dict[str, float] = {}
     for j, idx in enumerate(micro):
         batch = {k: v.to(engine.device) for k, v in collate([examples[i] for i in idx], pad, spec.paired).items()}
         logps = sequence_logps(model, batch, spec.logp_average, cfg.padding_free)
         ref_pair = None if ref is None else (ref[idx, 0].to(engine.device), ref[idx, 1].to(engine.device))
-        loss, parts = loss_for(spec, cfg, logps, ref_pair, batch.get("label"))
+        loss, parts = loss_for(spec, cfg, logps, ref_pair, batch.get("label"),
+                               batch["margin"] if margined else None, batch["weight"] if weighted else None)
         if cfg.rpo_alpha and spec.paired:  # RPO: + α·NLL(yw) per token (losses.rpo_nll)
             chosen, lengths = D.split_pairs(logps)[0], D.split_pairs(batch["response_mask"])[0][:, 1:].sum(-1)
             nll = rpo_nll(chosen * (lengths if spec.logp_average else 1), lengths)
             loss, parts = loss + cfg.rpo_alpha * nll, {**parts, "nll_chosen": nll}
-        share = len(idx) / n_global  # mean over the micro-batch -> its share of the global mean
+        share = size(idx) / n_global  # mean over the micro-batch -> its share of the global mean
         engine.backward(loss * share, step, last_micro=j == len(micro) - 1)
         engine.count_tokens(int(batch["attention_mask"].sum()))
         for key, value in {"loss": loss, **parts}.items():
@@ -238,6 +281,10 @@ def run(cfg: DPOConfig) -> dict:
     held = held_out_records(cfg, task) if task else []
     ref_model = ReferencePolicy(model).model if task else None  # for the held-out KL only
     ref = reference_logps(engine, model, examples, cfg, spec, pad) if spec.needs_reference else None
+    pair_fields(spec, examples)  # margins a loss cannot use are refused before the first step
+    held_pairs = encode(cfg, tokenizer, spec.paired, path=cfg.eval_data) if cfg.eval_data else []
+    held_ref = reference_logps(engine, model, held_pairs, cfg, spec, pad) if held_pairs and spec.needs_reference \
+        else None
     total = steps_for(len(examples), engine.global_batch, cfg.epochs, cfg.max_steps)
     model, _, _ = engine.setup(model, total, len(examples))
     start, extra = engine.resume()
@@ -245,13 +292,17 @@ def run(cfg: DPOConfig) -> dict:
     start_eval = start_evaluation(cfg, engine, policy, ref_model, tokenizer, task, held, start, extra)
     model.train()
 
-    metrics = {}
+    metrics, pairs_end = {}, {}
     for step in range(start, total):
         metrics = train_step(engine, model, examples, ref, spec, cfg, pad, step)
-        if task is not None and cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < total:
+        due = cfg.eval_every and (step + 1) % cfg.eval_every == 0
+        if task is not None and due and step + 1 < total:
             result = held_out(cfg, policy, ref_model, tokenizer, task, held)
             if engine.is_main:
                 append_eval(engine.run_dir, step + 1, result)
+        if held_pairs and (due or step + 1 == total):
+            pairs_end = pairs_eval(engine, model, held_pairs, held_ref, spec, cfg, pad)
+            metrics.update(pairs_end)
         engine.log(step, metrics)
         engine.maybe_checkpoint(step, extra={"start_eval": start_eval})
 
@@ -260,7 +311,11 @@ def run(cfg: DPOConfig) -> dict:
     if task is not None and engine.is_main:
         append_eval(engine.run_dir, total, end_eval)
     engine.save_model(model, tokenizer)
-    return engine.finish(summarize(cfg, engine, metrics, total, start_eval, end_eval))
+    summary = summarize(cfg, engine, metrics, total, start_eval, end_eval)
+    if held_pairs:
+        summary.update(eval_loss=pairs_end.get("eval/loss"), eval_reward_accuracy=pairs_end.get("eval/rewards/accuracies"),
+                       eval_reward_margin=pairs_end.get("eval/rewards/margins"), eval_pairs=len(held_pairs))
+    return engine.finish(summary)
 
 
 def held_out_records(cfg, task) -> list[dict]:

@@ -112,13 +112,11 @@ def load_comparisons(path: str, kind: str, tokenizer, max_prompt_len: int | None
                      skip_invalid: bool = False) -> Comparisons:
     kind = D.detect_kind(path) if kind == "auto" else kind
     records = D.load_records(path, kind, skip_invalid=skip_invalid)
-    kept = [r for r in records if kind != "pairs" or r["chosen"] != r["rejected"]]  # a tie teaches nothing
-    stats, examples = D.TruncationStats(), []
-    for record in kept:
-        ex = COMPARISON_KINDS[kind].encode(tokenizer, record, max_prompt_len, max_completion_len)
-        stats.update(ex)
-        examples.append(ex)
-    stats.warn_if_any(log)
+    keep = [kind != "pairs" or r["chosen"] != r["rejected"] for r in records]  # a tie teaches nothing
+    kept = D.Records([r for r, k in zip(records, keep) if k], path, kind,
+                     lines=[line for line, k in zip(records.lines, keep) if k])
+    examples, stats = D.encode_records(COMPARISON_KINDS[kind].encode, tokenizer, kept, max_prompt_len,
+                                       max_completion_len, log)
     if len(kept) < len(records):
         log.info("%s: dropped %d tied pairs (chosen == rejected)", path, len(records) - len(kept))
     return Comparisons(kind, kept, examples, stats.as_dict(), len(records) - len(kept))

@@ -45,14 +45,8 @@ class SFTConfig(TrainConfig):
 
 def encode_split(cfg: SFTConfig, tokenizer, path: str) -> tuple[list, D.TruncationStats]:
     records = D.load_records(path, "demonstrations", skip_invalid=cfg.skip_invalid)
-    stats = D.TruncationStats()
-    examples = []
-    for rec in records:
-        ex = D.encode_demonstration(tokenizer, rec, cfg.max_prompt_len, cfg.max_completion_len)
-        stats.update(ex)
-        examples.append(ex)
-    stats.warn_if_any(log)
-    return examples, stats
+    return D.encode_records(D.encode_demonstration, tokenizer, records, cfg.max_prompt_len, cfg.max_completion_len,
+                            log)
 
 
 def split_train_eval(cfg: SFTConfig, tokenizer) -> tuple[list, list, dict]:
