@@ -103,7 +103,7 @@ def test_rm_learns_a_toy_preference(trained):
 def test_saved_rm_loads_with_automodel_and_gives_the_same_scores(trained, files):
     run_dir, summary = trained
     hf = AutoModelForSequenceClassification.from_pretrained(run_dir / "model").eval()
-    assert hf.config.num_labels == 1 and hf.config.reward_bias == pytest.approx(summary["reward_bias"])
+    assert hf.config.num_labels == 1 and hf.config.reward_raw_bias == pytest.approx(summary["reward_bias"])
     tok = load_tokenizer(run_dir / "model")
     prompts, completions = ["the film was", "the plot was"], ["good .", "awful and it was very dull ."]
     ids = D.pad_sequences([encode_for_reward(tok, p, c) for p, c in zip(prompts, completions)], tok.pad_token_id)
@@ -113,8 +113,8 @@ def test_saved_rm_loads_with_automodel_and_gives_the_same_scores(trained, files)
     ours = LearnedReward(run_dir, device="cpu", normalize=False)(prompts, completions, None).scores
     torch.testing.assert_close(ours, logits, atol=1e-5, rtol=0)
     norm = LearnedReward(run_dir, device="cpu")(prompts, completions, None).scores
-    gain = summary["reward_gain"]  # the raw scores agree to 1e-5 (above); the gain scales that difference
-    torch.testing.assert_close(norm, (logits - summary["reward_bias"]) * gain, atol=1e-5 * max(1.0, gain), rtol=1e-6)
+    gain = summary["reward_gain"]  # in the saved head now (models.portable_reward_model); the bias in the config
+    torch.testing.assert_close(norm, logits - hf.config.reward_bias, atol=1e-5 * max(1.0, gain), rtol=1e-6)
     assert norm[0] > norm[1]  # it learned something
 
 
@@ -354,3 +354,105 @@ def test_interrupted_and_resumed_rm_matches_the_uninterrupted_one(files, tmp_pat
     assert read("split") == pytest.approx(read("whole"), abs=1e-6) and len(read("split")) == 4
     for key in ("eval_accuracy", "eval_loss", "reward_bias"):
         assert split[key] == pytest.approx(whole[key], abs=1e-6), key
+
+
+# --- portable reward models: transformers' own forward gives tether's score --------------------------------------------
+def base_without_pad(path, shape: str):
+    """A tiny causal LM whose tokenizer has no pad token (pad = EOS once loaded, as for Llama and Qwen2.5 base):
+    Llama-shaped with a full vocabulary, Qwen2-shaped with spare embedding rows and no unknown token either."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config
+
+    from tether.testing import tiny_tokenizer
+
+    backend = tiny_tokenizer().backend_tokenizer
+    if shape == "llama":
+        tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", unk_token="<unk>")
+        config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, eos_token_id=tok.eos_token_id)
+    else:
+        tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>")
+        config = Qwen2Config(vocab_size=len(tok) + 8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, eos_token_id=tok.eos_token_id)
+    assert tok.pad_token_id is None
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("shape", ["qwen2", "llama"])
+def test_hf_plain_forward_equals_rm_score(files, tmp_path, shape, capsys):
+    """AutoModelForSequenceClassification + AutoTokenizer on the saved directory, a right-padded batch of texts of
+    different lengths, no tether code: the same scores as `tether rm score` (the gain is in the head; the bias, which
+    no transformers decoder head can hold, is the config's reward_bias)."""
+    from transformers import PreTrainedTokenizerFast
+
+    root, _ = files
+    base = base_without_pad(tmp_path / "base", shape)
+    summary = run(load_config(RewardConfig, None, [
+        f"model={base}", f"data={root / 'pairs.jsonl'}", f"out={tmp_path / 'rm'}", "progress=false", "max_steps=4",
+        "batch_size=16", "lr=3e-3", "normalize_scale=true", f"normalize_data={root / 'demos.jsonl'}"]))
+    records = [{"prompt": "the film was", "completion": "good ."},
+               {"prompt": "the plot was very", "completion": "awful and it was very dull , boring and bad ."},
+               {"prompt": "the music", "completion": "was fine"},
+               {"prompt": "the ending was", "completion": "brilliant ! i loved it ."}]
+    D.write_jsonl(tmp_path / "samples.jsonl", records)
+    for name, normalize in (("scored", "true"), ("raw", "false")):
+        assert cli_main(["rm", "score", f"model={tmp_path / 'rm'}", f"data={tmp_path / 'samples.jsonl'}",
+                         f"out={tmp_path / name}.jsonl", f"normalize={normalize}", "device=cpu"]) == 0
+    tether_score, tether_raw = (torch.tensor([r["reward"] for r in D.load_records(tmp_path / f"{name}.jsonl",
+                                                                                 "demonstrations")])
+                                for name in ("scored", "raw"))
+
+    saved = tmp_path / "rm" / "model"
+    hf = AutoModelForSequenceClassification.from_pretrained(saved).eval()
+    tok = PreTrainedTokenizerFast.from_pretrained(saved)  # AutoTokenizer: a word-level file rebuilt as Qwen2's BPE
+    texts = [f"{r['prompt']} {r['completion']}{tok.eos_token}" for r in records]
+    batch = tok(texts, padding=True, add_special_tokens=False, return_tensors="pt")
+    with torch.no_grad():
+        hf_scores = hf(**batch).logits[:, 0]
+
+    tether_tok = load_tokenizer(saved)
+    lengths = batch["attention_mask"].sum(1)
+    assert len(set(lengths.tolist())) == len(records) and (batch["attention_mask"][:, 0] == 1).all()  # right-padded
+    for i, r in enumerate(records):  # the tokens HF saw are the tokens tether scored
+        ours = encode_for_reward(tether_tok, r["prompt"], r["completion"])
+        assert batch["input_ids"][i, : lengths[i]].tolist() == ours
+    assert tok.pad_token_id not in (tok.eos_token_id, None) and hf.config.pad_token_id == tok.pad_token_id
+    rows = hf.get_input_embeddings().num_embeddings  # the new pad token needs a row only in a full vocabulary
+    assert rows == {"llama": len(tok), "qwen2": len(tok) + 7}[shape] and tok.pad_token == "<|pad|>"
+
+    gain, bias = summary["reward_gain"], summary["reward_bias"]
+    assert gain != 1.0 and hf.config.reward_raw_gain == pytest.approx(gain) and hf.config.reward_gain == 1.0
+    assert hf.config.reward_bias == pytest.approx(gain * bias) and hf.config.reward_normalization_in_weights == "gain"
+    torch.testing.assert_close(hf_scores, tether_raw, atol=1e-5, rtol=0)  # normalize=false: the saved head as it is
+    torch.testing.assert_close(hf_scores - hf.config.reward_bias, tether_score, atol=1e-5, rtol=0)
+    rm = load_reward_model(saved).eval()
+    ids = D.pad_sequences([encode_for_reward(tether_tok, r["prompt"], r["completion"]) for r in records], 0)
+    with torch.no_grad():
+        ours = reward_scores(rm, ids, (torch.arange(ids.shape[1]) < lengths[:, None]).long())
+    torch.testing.assert_close(ours, tether_score, atol=1e-5, rtol=0)
+
+    # the failure this fixes: padding with EOS and pad_token_id = EOS, HF pools at the token before each EOS
+    hf.config.pad_token_id = tok.eos_token_id
+    eos_padded = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, tok.eos_token_id)
+    with torch.no_grad():
+        wrong = hf(input_ids=eos_padded, attention_mask=batch["attention_mask"]).logits[:, 0]
+    assert (wrong - hf_scores).abs().min() > 1e-4
+
+
+def test_lora_rm_saved_as_adapter_scores_like_the_merged_one(files, tmp_path):
+    """merge_lora=false on a tokenizer without a pad token: the adapter carries the folded head and the grown
+    embedding (the new pad token's row), and loads back to the merged run's raw scores."""
+    root, _ = files
+    base = base_without_pad(tmp_path / "base", "llama")
+    common = [f"model={base}", f"data={root / 'pairs.jsonl'}", "progress=false", "max_steps=2", "batch_size=8",
+              "lr=1e-2", "lora_r=4", "normalize_scale=true", "normalize_max=40"]
+    merged = run(load_config(RewardConfig, None, [*common, f"out={tmp_path / 'merged'}"]))
+    adapter = run(load_config(RewardConfig, None, [*common, f"out={tmp_path / 'adapter'}", "merge_lora=false"]))
+    assert (tmp_path / "adapter" / "model" / "adapter_config.json").exists() and merged["reward_gain"] != 1.0
+    assert adapter["reward_gain"] == pytest.approx(merged["reward_gain"], rel=1e-5)
+    prompts, completions = ["the film was", "the plot was very"], ["good .", "awful and it was very dull ."]
+    scores = [LearnedReward(tmp_path / name, device="cpu", normalize=False)(prompts, completions, None).scores
+              for name in ("merged", "adapter")]
+    torch.testing.assert_close(scores[1], scores[0], atol=1e-5, rtol=0)

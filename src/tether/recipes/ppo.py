@@ -173,10 +173,13 @@ def raw_proxy_mean(source, scores: torch.Tensor) -> float | None:
     models = getattr(source, "models", None)
     if not models:
         return None
-    gains = {getattr(m.config, "reward_gain", 1.0) for m in models}
+    def raw(config, key):  # a saved model folds its gain into the head and keeps the originals under reward_raw_*
+        return getattr(config, f"reward_raw_{key}", getattr(config, f"reward_{key}", 1.0 if key == "gain" else 0.0))
+
+    gains = {raw(m.config, "gain") for m in models}
     if len(gains) != 1:
         return None
-    bias = sum(getattr(m.config, "reward_bias", 0.0) for m in models) / len(models)
+    bias = sum(raw(m.config, "bias") for m in models) / len(models)
     return float(scores.mean()) / gains.pop() + bias
 
 

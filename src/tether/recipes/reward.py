@@ -26,6 +26,11 @@ After training:
   comparisons, i.e. samples of the policy the raters compared) and, with normalize_scale, reward_gain = 1/std. Both go
   into the saved config, so forward.reward_scores (and every consumer) returns (raw − bias)·gain. The training
   truncation lengths are stored too (reward_max_prompt_len / reward_max_completion_len) for rewards.LearnedReward.
+- the saved directory scores the same outside tether (models.portable_reward_model): the gain is folded into the
+  score head (reward_gain 1.0 in the saved config; the values found are kept as reward_raw_gain / reward_raw_bias),
+  and the tokenizer pads with a token of its own, so AutoModelForSequenceClassification's plain forward on a
+  right-padded batch reads the EOS as tether does. transformers' decoder heads have no bias parameter, so the bias
+  stays in the config (in the saved units): HF's plain forward = tether's score + config.reward_bias.
 - ensemble=K: K members trained with seeds seed..seed+K−1 (head init and data order differ; the held-out split is the
   same) in members/member-i/ (metrics, checkpoints, summary), their models in model/member-i/; the top summary.json
   holds the ensemble's eval (mean score) and per-member numbers.
@@ -46,7 +51,7 @@ from tether.config import ConfigError, above, at_least, between, one_of, opt
 from tether.engine import SCHEDULES, Engine, TrainConfig, steps_for
 from tether.forward import reward_scores
 from tether.losses import bradley_terry_loss, ranking_loss
-from tether.models import LoraSettings, load_reward_model, load_tokenizer
+from tether.models import LoraSettings, load_reward_model, load_tokenizer, portable_reward_model
 from tether.recipes.reward_eval import (
     COMPARISON_KINDS,
     Comparisons,
@@ -162,10 +167,13 @@ def reference_sequences(cfg: RewardConfig, tokenizer, train: Comparisons) -> lis
         for rec in D.load_records(cfg.normalize_data, "demonstrations", skip_invalid=cfg.skip_invalid):
             if "messages" in rec:  # the last assistant turn is the response, the turns before it the prompt
                 prompt, completion = rec["messages"][:-1], rec["messages"][-1]["content"]
-            else:
+            elif "completion" not in rec:  # a {"text"} record: the whole text is the response
+                seqs.append(D.encode_demonstration(tokenizer, rec, cfg.max_prompt_len, cfg.max_completion_len).input_ids)
+                continue
+            else:  # a string, or turns after a chat prompt (the template's continuation)
                 prompt, completion = rec["prompt"], rec["completion"]
             p, _ = D.encode_prompt(tokenizer, prompt, cfg.max_prompt_len)
-            c, _ = D.encode_completion(tokenizer, completion, cfg.max_completion_len)
+            c, _ = D.encode_reply(tokenizer, prompt, completion, cfg.max_completion_len)
             seqs.append(p + c)
     return seqs[: cfg.normalize_max]
 
@@ -224,7 +232,7 @@ def train_one(cfg: RewardConfig, tokenizer, train: Comparisons, held: Comparison
     hf.config.reward_bias, hf.config.reward_gain = bias, gain
     hf.config.reward_max_prompt_len, hf.config.reward_max_completion_len = cfg.max_prompt_len, cfg.max_completion_len
     found = evaluate_comparisons([model], held, pad, cfg.eval_batch_size, engine.device, task)
-    engine.save_model(model, tokenizer, model_dir)
+    engine.save_model(model, portable_reward_model(model, tokenizer), model_dir)  # gain in the head, a pad of its own
     return engine.finish({
         "eval_accuracy": found.get("accuracy", float("nan")),
         "eval_loss": found.get("loss", float("nan")),

@@ -6,6 +6,11 @@ Each output line is the input record plus `reward` (normalised, as every consume
 raw head output), and `reward_std` for an ensemble (its members' disagreement). Records are {prompt, completion}, or
 {messages} whose last turn is the assistant's response; they are scored in batches, in the RM's training tokenisation
 (rewards.LearnedReward).
+
+A directory saved by `tether rm` gives the same numbers without tether: AutoModelForSequenceClassification and its
+saved tokenizer, on the ids scored here (the prompt's, the completion's, then EOS) right-padded, give exactly
+`reward` with normalize=false and `reward` + config.reward_bias with normalize=true (models.portable_reward_model:
+the gain is in the head, the bias cannot be).
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from tether.rewards.learned import LearnedReward
 
 @dataclass
 class RMScoreConfig:
-    model: str = opt("", "reward model: a `tether rm` run dir, a model dir or an ensemble dir (required)")
+    model: str = opt("", "reward model: a `tether rm` run dir, a model dir, an ensemble dir or a Hub ID (required)")
     data: str = opt("", "prompt/completion records (JSONL, Parquet or saved dataset; required)")
     out: str = opt("", "output JSONL (default: <data stem>.scored.jsonl next to the data)")
     batch_size: int = opt(32, "sequences per forward", check=at_least(1))

@@ -7,10 +7,12 @@ no special tokens and an EOS appended (`data.encode_completion`); the score is r
 responses of the normalisation (docs/reference.md §Reward model). The truncation lengths used in training are
 stored in the config too (`reward_max_prompt_len`, `reward_max_completion_len`) and reused here.
 
-A path may be a reward-model directory (an `AutoModelForSequenceClassification` with one label), a `tether rm` run
-directory (its `model/` is used), or an ensemble: a directory holding `member-0 ... member-(K-1)`, each a reward-model
-directory (`tether rm ensemble=K`). An ensemble's reward is the mean of its members' normalised rewards and `std` their
-disagreement (the population std over members, per completion), which the uncertainty-adaptive KL controller reads.
+A path may be a reward-model directory (an `AutoModelForSequenceClassification` with one label, or an unmerged LoRA
+adapter of one), a Hugging Face Hub ID (`org/name` or `org/name@revision`, from the HF cache: models.resolve_model),
+a `tether rm` run directory (its `model/` is used), or an ensemble: a directory holding `member-0 ... member-(K-1)`,
+each a reward-model directory (`tether rm ensemble=K`). An ensemble's reward is the mean of its members' normalised
+rewards and `std` their disagreement (the population std over members, per completion), which the
+uncertainty-adaptive KL controller reads.
 """
 
 from __future__ import annotations
@@ -22,14 +24,17 @@ import torch
 
 from tether import data as D
 from tether.forward import reward_scores
-from tether.models import load_reward_model, load_tokenizer
+from tether.models import is_hub_id, load_reward_model, load_tokenizer, resolve_model
 from tether.rewards import RewardOutput, RewardSource
 
 
-def reward_model_dirs(path: str | Path) -> list[Path]:
-    """The reward-model directories behind `path`: itself, a run's `model/`, or an ensemble's members in order."""
-    path = Path(path)
-    if (path / "config.json").exists():
+def reward_model_dirs(name: str | Path) -> list[Path]:
+    """The reward-model directories behind `name` (a directory or a Hub ID, models.resolve_model): itself, a run's
+    `model/`, or an ensemble's members in order."""
+    path = Path(name)
+    if not path.exists() and is_hub_id(name):
+        path = resolve_model(name)
+    if (path / "config.json").exists() or (path / "adapter_config.json").exists():
         return [path]
     members = [p for p in path.glob("member-*") if p.name[7:].isdigit() and (p / "config.json").exists()]
     members.sort(key=lambda p: int(p.name[7:]))  # member-10 after member-9
