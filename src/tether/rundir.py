@@ -99,8 +99,11 @@ def manifest(cfg, command: str, world_size: int = 1) -> dict:
     settings = config_to_dict(cfg)
     inputs = {}
     for key, value in settings.items():
-        if key not in FREE_ON_RESUME and isinstance(value, str) and value and Path(value).exists():
-            inputs[key] = fingerprint(Path(value))
+        if key in FREE_ON_RESUME or not isinstance(value, str) or not value:
+            continue
+        source = value if Path(value).exists() else value.split(":")[0]  # a DatasetDict's "DIR:split"
+        if source and Path(source).exists():
+            inputs[key] = fingerprint(Path(source))
     return {"command": command, "config": settings, "inputs": inputs, "world_size": world_size,
             "versions": versions(), "git_commit": source_commit()}
 
