@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: install demo test test-slow lint bench clean
+.PHONY: install bwrap demo test test-slow lint bench clean
 
 install: $(VENV)/.installed
 
@@ -25,7 +25,12 @@ demo: install
 lint: install
 	$(BIN)/ruff check .
 
-test: install lint
+# Debian's bubblewrap, the code sandbox's kernel isolation: installed quietly when missing, never failing here
+# (without it the sandbox refuses to run and tests/test_sandbox_hostile.py fails, naming it).
+bwrap:
+	@command -v bwrap >/dev/null 2>&1 || bash scripts/install_bwrap.sh
+
+test: install lint bwrap
 	$(BIN)/python -m pytest -q -n 2 $(PYTEST_ARGS)
 
 test-slow: install

@@ -5,8 +5,9 @@
 
 The reward is 1.0 when every test passes and the run ends cleanly, else 0.0 (the DeepSeek-R1 accuracy reward
 for code); `partial=True` gives n_passed / n_total instead, still 0.0 for a run that timed out, ran out of
-memory, crashed or was killed. How tests split into units, and every isolation layer:
-`tether.rewards.sandbox`.
+memory, crashed or was killed. Every score is clamped to [0, 1]. The verdicts are the parent's own: the program
+never sees an expected value and can only send back data (`tether.rewards.sandbox`, which also has how tests
+split into units and every isolation layer). Without bubblewrap installed code rewards raise SandboxUnavailable.
 """
 
 from __future__ import annotations
@@ -58,12 +59,12 @@ def code_tests_reward(
     workers: int = 2,
 ) -> list[float]:
     """1.0 if the completion's program passes all of `record["tests"]` (partial: the fraction), else 0.0."""
-    scores = []
-    for r in run_completions(completions, records, limits, workers):
-        if r is None or r.status != "ok":
-            scores.append(0.0)
-        elif partial:
-            scores.append(r.n_passed / r.n_total)
-        else:
-            scores.append(float(r.passed))
-    return scores
+    return [score(r, partial) for r in run_completions(completions, records, limits, workers)]
+
+
+def score(result: SandboxResult | None, partial: bool = False) -> float:
+    """1.0 / 0.0 (partial: n_passed / n_total), 0.0 unless the run is ok; clamped to [0, 1] whatever came back."""
+    if result is None or result.status != "ok" or result.n_total <= 0:
+        return 0.0
+    value = result.n_passed / result.n_total if partial else float(result.passed)
+    return min(1.0, max(0.0, value))
