@@ -65,10 +65,8 @@ def test_resume_refuses_other_settings_and_data_unless_accepted(workdir, tmp_pat
         run(config(workdir, tmp_path / "r", max_steps=4, resume=True, data=str(changed)))
     engine = Engine(config(workdir, tmp_path / "r", max_steps=6, lr=1e-3, resume=True,
                            resume_changed="lr,max_steps"), "sft")
-    model = torch.nn.Linear(2, 2)
     assert engine.accepted_changes == ["lr", "max_steps"]
     engine.finish({})
-    assert model is not None
 
 
 def test_an_accepted_lr_is_the_lr_the_restored_optimizer_trains_at(workdir, tmp_path):

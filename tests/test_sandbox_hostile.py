@@ -19,6 +19,7 @@ import time
 
 import pytest
 
+from tests.test_sandbox import live_processes_of
 from tether.rewards.code import code_tests_reward, score
 from tether.rewards.sandbox import SandboxLimits, launch, run_program
 
@@ -33,18 +34,6 @@ def limits(hook: bool = True, **changes) -> SandboxLimits:
                                **changes)
 
 
-def live_processes(uid: int | None) -> list[int]:
-    found = []
-    for name in os.listdir("/proc"):
-        try:
-            with open(f"/proc/{name}/status") as f:
-                fields = dict(line.split(":", 1) for line in f if ":" in line)
-        except (OSError, ValueError):
-            continue
-        if int(fields["Uid"].split()[0]) == uid and not fields["State"].strip().startswith("Z"):
-            found.append(int(name))
-    return found
-
 
 def scored_zero(result, wall: float = LIMITS.wall_seconds) -> None:
     """Scored 0 (all-or-nothing and partial), ended in bounded time, nothing of it left: no process of its uid,
@@ -54,7 +43,7 @@ def scored_zero(result, wall: float = LIMITS.wall_seconds) -> None:
     assert not os.path.exists(result.host_dir)
     assert not [r for r, dirs, _ in os.walk("/sys/fs/cgroup") if os.path.basename(result.host_dir) in dirs]
     if result.uid is not None:
-        assert live_processes(result.uid) == []
+        assert live_processes_of(result.uid) == []
 
 
 @pytest.fixture(autouse=True)
@@ -230,7 +219,7 @@ def test_setsid_daemon_does_not_survive_the_run(tmp_path, hook):
     scored_zero(r)
     time.sleep(0.5)
     assert not target.exists()
-    assert r.uid is None or live_processes(r.uid) == []  # ps-free: a /proc scan for the run's uid
+    assert r.uid is None or live_processes_of(r.uid) == []  # ps-free: a /proc scan for the run's uid
     out = subprocess.run(["ps", "-eo", "uid="], capture_output=True, text=True).stdout.split() if ROOT else []
     assert str(r.uid) not in out
 
@@ -253,15 +242,15 @@ def test_nothing_survives_the_trainer_being_killed():
     noted = dict(trainer.stdout.readline().split() for _ in range(2))
     uid = int(noted["uid"])
     deadline = time.monotonic() + 10
-    while len(live_processes(uid)) < 3 and time.monotonic() < deadline:  # bwrap, the harness, the daemon
+    while len(live_processes_of(uid)) < 3 and time.monotonic() < deadline:  # bwrap, the harness, the daemon
         time.sleep(0.05)
-    assert len(live_processes(uid)) >= 3
+    assert len(live_processes_of(uid)) >= 3
     trainer.kill()
     trainer.wait()
     deadline = time.monotonic() + 5
-    while live_processes(uid) and time.monotonic() < deadline:
+    while live_processes_of(uid) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert live_processes(uid) == []
+    assert live_processes_of(uid) == []
     # what a killed trainer does leave: its empty cgroups and /tmp directory (no process in them)
     for root, dirs, _ in list(os.walk("/sys/fs/cgroup")):
         if noted["name"] in dirs:

@@ -218,12 +218,13 @@ def pair_fields(spec, examples: list) -> tuple[bool, bool]:
     return weighted, margined
 
 
-def train_step(engine, model, examples, ref, spec, cfg, pad, step: int, data_step: int | None = None) -> dict:
+def train_step(engine, model, examples, ref, spec, cfg, pad, step: int, data_step: int | None = None,
+               fields: tuple[bool, bool] | None = None) -> dict:
     """One optimizer step over the micro-batches of `data_step` (default `step`) of `examples`; returns metrics.
 
     With weighted pairs each micro-batch's weighted mean counts by its share of the global weight, so the step's
     loss is Σ w_i ℓ_i / Σ w_i over the global batch (as unweighted pairs give the plain global mean)."""
-    weighted, margined = pair_fields(spec, examples)
+    weighted, margined = fields if fields is not None else pair_fields(spec, examples)  # callers pass it once
     micro = engine.micro_batches(step if data_step is None else data_step, len(examples))
     size = (lambda idx: sum(examples[i].weight for i in idx)) if weighted else len  # noqa: E731
     n_global = engine.all_sum(sum(size(m) for m in micro))
@@ -281,7 +282,7 @@ def run(cfg: DPOConfig) -> dict:
     held = held_out_records(cfg, task) if task else []
     ref_model = ReferencePolicy(model).model if task else None  # for the held-out KL only
     ref = reference_logps(engine, model, examples, cfg, spec, pad) if spec.needs_reference else None
-    pair_fields(spec, examples)  # margins a loss cannot use are refused before the first step
+    fields = pair_fields(spec, examples)  # margins a loss cannot use are refused before the first step
     held_pairs = encode(cfg, tokenizer, spec.paired, path=cfg.eval_data) if cfg.eval_data else []
     held_ref = reference_logps(engine, model, held_pairs, cfg, spec, pad) if held_pairs and spec.needs_reference \
         else None
@@ -294,7 +295,7 @@ def run(cfg: DPOConfig) -> dict:
 
     metrics, pairs_end = {}, {}
     for step in range(start, total):
-        metrics = train_step(engine, model, examples, ref, spec, cfg, pad, step)
+        metrics = train_step(engine, model, examples, ref, spec, cfg, pad, step, fields=fields)
         due = cfg.eval_every and (step + 1) % cfg.eval_every == 0
         if task is not None and due and step + 1 < total:
             result = held_out(cfg, policy, ref_model, tokenizer, task, held)

@@ -196,9 +196,10 @@ def run(cfg: OnlineDPOConfig) -> dict:
     metrics, end_eval = {}, start_eval
     for r in range(start // per_round, cfg.rounds):
         examples, ref = prepare_round(cfg, engine, policy, reference, tokenizer, labeler, task, prompts, r, spec)
+        fields = (False, False)  # sampled pairs carry no weight or margin
         for step in range(max(start, r * per_round), (r + 1) * per_round):
             metrics = train_step(engine, model, examples, ref, spec, cfg, tokenizer.pad_token_id, step,
-                                 data_step=step - r * per_round)
+                                 data_step=step - r * per_round, fields=fields)
             metrics["round"] = r
             engine.log(step, metrics)
             engine.maybe_checkpoint(step, extra={"start_eval": start_eval})
