@@ -305,3 +305,29 @@ def test_label_export_writes_a_shape_trl_classifies(tmp_path, tok):
     except ImportError:
         return
     assert is_conversational(conversational) and not is_conversational(standard)
+
+
+# --- HuggingFaceH4's shape: the conversation whole, plus the user's first words copied into a string `prompt` --------
+def test_a_copied_string_prompt_is_dropped_from_h4_shaped_pairs_and_demonstrations(tmp_path, tok):
+    question = USER[0]["content"]
+    pair = {"prompt": question, "chosen": USER + GOOD, "rejected": USER + BAD, "messages": USER + GOOD,
+            "score_chosen": 8.0, "score_rejected": 2.0}
+    demo = {"prompt": question, "prompt_id": "a1", "messages": USER + GOOD}
+    pairs, demos = tmp_path / "pairs.jsonl", tmp_path / "demos.jsonl"
+    pairs.write_text(json.dumps(pair) + "\n")
+    demos.write_text(json.dumps(demo) + "\n")
+    [read_pair] = D.load_records(pairs, "pairs")
+    assert (read_pair["prompt"], read_pair["chosen"], read_pair["rejected"]) == (USER, GOOD, BAD)
+    assert "messages" not in read_pair and read_pair["score_chosen"] == 8.0
+    [read_demo] = D.load_records(demos, "demonstrations")
+    assert read_demo == {"prompt_id": "a1", "messages": USER + GOOD}
+    # the same token ids as the conversational form TRL's own data sets use
+    explicit = D.encode_pair(tok, {"prompt": USER, "chosen": GOOD, "rejected": BAD}, 64, 64)
+    assert D.encode_pair(tok, read_pair, 64, 64) == explicit
+
+
+def test_a_string_prompt_the_conversation_does_not_repeat_is_named(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps({"prompt": "what is 2 + 2 ?", "chosen": USER + GOOD, "rejected": USER + BAD}) + "\n")
+    with pytest.raises(D.DataError, match=r"pairs.jsonl:1: field 'prompt': is a string that no user turn"):
+        D.load_records(path, "pairs")

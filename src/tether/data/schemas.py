@@ -308,14 +308,52 @@ SCHEMAS: dict[str, Callable[[dict], None]] = {
 RECORD_KINDS: tuple[str, ...] = tuple(SCHEMAS)
 
 
+def _copied_prompt(record: dict, kind: str) -> dict:
+    """A record that holds its conversation whole *and* a copy of the user's first words as a string `prompt` (the
+    shape of HuggingFaceH4's ultrafeedback_binarized and ultrachat_200k) -> the same record without the copies.
+
+    - demonstrations: `prompt` (a string) beside `messages` and no `completion` -> `messages` alone;
+    - pairs: `prompt` a string, `chosen` and `rejected` turns -> the prompt the turns share (`extract_prompt`), and
+      `messages` dropped when it only repeats `chosen`.
+    The string must be the content of a user turn of the conversation it copies, else DataError naming `prompt`.
+    Any other record comes back as it is.
+    """
+    prompt = record.get("prompt")
+    if not isinstance(prompt, str):
+        return record
+    if kind == "demonstrations" and isinstance(record.get("messages"), list) and "completion" not in record:
+        _check_messages(record["messages"], "messages")
+        turns = record["messages"]
+    elif kind == "pairs" and isinstance(record.get("chosen"), list) and isinstance(record.get("rejected"), list):
+        _check_messages(record["chosen"], "chosen")
+        _check_messages(record["rejected"], "rejected")
+        if record.get("messages") not in (None, record["chosen"]):
+            return record  # prompt and messages both meant as the prompt: _check_prompt names it
+        if record["chosen"][0]["role"] == "assistant":
+            return record  # the turns start at the reply: _check_reply asks for the prompt as turns
+        explicit = extract_prompt({k: v for k, v in record.items() if k not in ("prompt", "messages")})
+        turns = explicit["prompt"]
+        record = {**explicit, "prompt": prompt}  # checked below, then replaced by the turns
+    else:
+        return record
+    if not any(t["role"] == "user" and t["content"] == prompt for t in turns):
+        raise DataError("is a string that no user turn of the conversation repeats; give the prompt as turns (or "
+                        "leave it out) when the conversation is given whole", field="prompt")
+    if kind == "demonstrations":
+        return {k: v for k, v in record.items() if k != "prompt"}
+    return {**record, "prompt": turns}
+
+
 def validate_record(record, kind: str, path: str | Path = "<memory>", line: int | None = None) -> dict:
-    """Check one record against the schema of `kind`; returns it unchanged or raises DataError(path, line, field)."""
+    """Check one record against the schema of `kind`; returns it (a copied string prompt dropped: `_copied_prompt`)
+    or raises DataError(path, line, field)."""
     if kind not in SCHEMAS:
         raise ValueError(f"unknown record kind {kind!r}; expected one of {', '.join(RECORD_KINDS)}")
     try:
         if not isinstance(record, dict):
             hint = " (one JSON object per line, not a JSON array)" if isinstance(record, list) else ""
             raise DataError(f"expected a JSON object, got {_type_name(record)}{hint}")
+        record = _copied_prompt(record, kind)
         SCHEMAS[kind](record)
     except DataError as e:
         e.path, e.line = path, line
