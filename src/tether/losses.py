@@ -14,6 +14,7 @@ response tokens. Metrics are detached 0-dim tensors. Departures from the papers:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -432,6 +433,7 @@ def ppo_policy_loss(
     clip_high: float | None = None,
     aggregation: str = "token-mean",
     denominator: float | Tensor | None = None,
+    weights: Tensor | None = None,
 ) -> tuple[Tensor, dict]:
     """PPO clipped surrogate (Schulman et al. 2017): ℓ = −min(ρÂ, clip(ρ, 1−ε_low, 1+ε_high)Â), ρ = exp(logp − old_logp).
 
@@ -440,6 +442,7 @@ def ppo_policy_loss(
     Shapes: logprobs, old_logprobs, advantages, response_mask (B, T) -> scalar, reduced by AGGREGATIONS[aggregation].
     Metrics: clipfrac (share of tokens where the clipped term is active), approx_kl = mean (ρ − 1) − log ρ (k3 of
     KL(π_old‖πθ) on samples from π_old), ratio_mean.
+    weights: optional (B, T) constants multiplying each token's term, an off-policy correction (OFF_POLICY_WEIGHTS).
     """
     clip_high = clip_low if clip_high is None else clip_high
     mask = response_mask.to(logprobs.dtype)
@@ -447,7 +450,10 @@ def ppo_policy_loss(
     ratio = torch.exp(logratio)  # (B, T)
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1 - clip_low, 1 + clip_high)
-    loss = AGGREGATIONS[aggregation](torch.maximum(unclipped, clipped), mask, denominator)
+    per_token = torch.maximum(unclipped, clipped)
+    if weights is not None:
+        per_token = per_token * weights.detach()
+    loss = AGGREGATIONS[aggregation](per_token, mask, denominator)
     with torch.no_grad():
         metrics = {"clipfrac": masked_mean((clipped > unclipped).float(), mask),
                    "approx_kl": masked_mean((ratio - 1) - logratio, mask),
@@ -479,3 +485,92 @@ def value_loss(
         clipfrac = masked_mean((clipped > unclipped).float().detach(), mask)
     loss = 0.5 * AGGREGATIONS[aggregation](per_token, mask, denominator)
     return loss, {"vf_clipfrac": clipfrac, "value_mean": masked_mean(values.detach(), mask)}
+
+
+# --- off-policy correction of asynchronous rollouts (docs/reference.md §Off-policy correction) ------------------------
+def behaviour_logratio(old_logprobs: Tensor, rollout_logprobs: Tensor, response_mask: Tensor) -> Tensor:
+    """log w_t = log π_old(a_t) − log π_rollout(a_t): trainer (or proximal) vs the policy that sampled a_t.
+
+    Shapes: (B, T) each -> (B, T), 0 on padding (w = 1 there). Detached: the weights are constants of the loss.
+    """
+    diff = (old_logprobs - rollout_logprobs).detach()
+    return torch.where(response_mask != 0, diff, torch.zeros_like(diff))
+
+
+def tis_weights(old_logprobs: Tensor, rollout_logprobs: Tensor, response_mask: Tensor, cap: float = 2.0) -> Tensor:
+    """Truncated importance sampling (Yao et al. 2025, "Your efficient RL framework secretly brings you off-policy
+    RL training"): weight_t = min(w_t, C), w_t = π_old(a_t)/π_rollout(a_t). Shapes: (B, T) -> (B, T)."""
+    return behaviour_logratio(old_logprobs, rollout_logprobs, response_mask).exp().clamp(max=cap)
+
+
+def icepop_weights(old_logprobs: Tensor, rollout_logprobs: Tensor, response_mask: Tensor, cap: float = 2.0) -> Tensor:
+    """ICEPOP-style masking (Ling team 2025, Ring-1T §IcePop): weight_t = w_t if 1/C ≤ w_t ≤ C else 0, so a token
+    whose two probabilities disagree by more than a factor C gives no gradient at all. Shapes: (B, T) -> (B, T)."""
+    w = behaviour_logratio(old_logprobs, rollout_logprobs, response_mask).exp()
+    return torch.where((w >= 1.0 / cap) & (w <= cap), w, torch.zeros_like(w))
+
+
+def sequence_mask_weights(old_logprobs: Tensor, rollout_logprobs: Tensor, response_mask: Tensor,
+                          cap: float = 2.0) -> Tensor:
+    """Sequence-level masking: weight 1 on every token of a sequence whose mean |log w_t| ≤ log C, else 0 (the whole
+    sequence is dropped; its tokens are not reweighted). Shapes: (B, T) -> (B, T), 0 on padding."""
+    mask = response_mask.to(old_logprobs.dtype)
+    drift = masked_mean(behaviour_logratio(old_logprobs, rollout_logprobs, response_mask).abs(), mask, dim=-1)  # (B,)
+    return (drift <= math.log(cap)).to(mask.dtype)[:, None] * mask
+
+
+OFF_POLICY_WEIGHTS: dict[str, Callable[..., Tensor]] = {
+    "tis": tis_weights,
+    "icepop": icepop_weights,
+    "seq_mask": sequence_mask_weights,
+    "decoupled": tis_weights,  # AReaL's capped behaviour weight min(π_prox/π_behave, C): see decoupled_ppo_loss
+}
+
+
+def decoupled_ppo_loss(
+    logprobs: Tensor,
+    proximal_logprobs: Tensor,
+    behaviour_logprobs: Tensor,
+    advantages: Tensor,
+    response_mask: Tensor,
+    clip_low: float = 0.2,
+    clip_high: float | None = None,
+    behaviour_cap: float = 2.0,
+    aggregation: str = "token-mean",
+    denominator: float | Tensor | None = None,
+) -> tuple[Tensor, dict]:
+    """Decoupled PPO (Hilton et al. 2021, arXiv 2110.00641, eq. 3; AReaL, Fu et al. 2025, arXiv 2505.24298, §5.2):
+    ℓ_t = −min(w_t, C) · min(ρ_t Â_t, clip(ρ_t, 1−ε_low, 1+ε_high) Â_t), ρ_t = π_θ/π_prox, w_t = π_prox/π_behave.
+
+    The trust region is centred on the proximal policy (the trainer's weights before this update, log-probs
+    recomputed), not on the stale policy that sampled; the behaviour weight corrects for the sampling. When the
+    proximal log-probs are the trainer's own recompute this is TIS with the clip around the recompute.
+    Shapes: all (B, T) -> scalar; metrics as `ppo_policy_loss`.
+    """
+    weights = tis_weights(proximal_logprobs, behaviour_logprobs, response_mask, behaviour_cap)
+    return ppo_policy_loss(logprobs, proximal_logprobs, advantages, response_mask, clip_low, clip_high, aggregation,
+                           denominator, weights=weights)
+
+
+def off_policy_metrics(old_logprobs: Tensor, rollout_logprobs: Tensor, response_mask: Tensor,
+                       weights: Tensor) -> dict[str, Tensor]:
+    """What a correction did, over response tokens (docs/reference.md §Off-policy correction):
+    weight_mean = mean weight_t; clipped_share = share of tokens whose weight differs from w_t (capped or masked);
+    ess = (Σ weight)² / Σ weight² and ess_fraction = ess / n (1 = every token counts fully, as on-policy);
+    behaviour_kl = mean (w_t − 1) − log w_t, the k3 estimate of KL(π_rollout ‖ π_old) on the sampled tokens.
+    Shapes: (B, T) each -> 0-dim tensors."""
+    mask = response_mask.to(weights.dtype)
+    logw = behaviour_logratio(old_logprobs, rollout_logprobs, response_mask).to(weights.dtype)
+    w, kept = logw.exp(), weights.detach() * mask
+    n = mask.sum()
+    ess = _safe_div(kept.sum() ** 2, (kept**2).sum())
+    return {"weight_mean": masked_mean(kept, mask),
+            "clipped_share": masked_mean((~torch.isclose(weights.detach(), w)).to(mask.dtype), mask),
+            "ess": ess, "ess_fraction": _safe_div(ess, n),
+            "behaviour_kl": masked_mean((w - 1) - logw, mask)}
+
+
+def version_lag(current_version: int, batch_versions: Tensor) -> Tensor:
+    """Mean number of optimizer steps between the weights that sampled each row and the weights being trained:
+    lag = mean_i (v_now − v_i). Shapes: (B,) integer -> 0-dim float."""
+    return (current_version - batch_versions.to(torch.float64)).mean()
