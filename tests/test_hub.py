@@ -164,6 +164,22 @@ def test_cli_sft_by_hub_id_offline(tmp_path, offline_cache):
     assert before.keys() == after.keys() and any(not torch.equal(before[k], after[k]) for k in before)
 
 
+def test_run_json_fingerprints_a_hub_id_by_the_commit_it_stands_for(tmp_path, offline_cache):
+    from tether.recipes.sft import SFTConfig
+    from tether.rundir import changes, hub_commit, manifest
+
+    assert hub_commit("org/tiny") is None  # not cached (yet): nothing recorded, and resume does not call it a change
+    put_in_cache(offline_cache, "org/tiny", save_tiny(tmp_path / "tiny"), SHA_1, refs=("main", "v1"))
+    assert hub_commit("org/tiny") == hub_commit("org/tiny@v1") == SHA_1 and hub_commit(f"org/tiny@{SHA_2}") == SHA_2
+    assert hub_commit("tiny") is None and hub_commit("org/tiny@nope") is None
+    first = manifest(SFTConfig(model="org/tiny", data="d.jsonl"), "sft")
+    assert first["inputs"] == {"model": f"hub {SHA_1}"}
+    assert changes({**first, "inputs": {}}, first, []) == []
+    (offline_cache / "models--org--tiny" / "refs" / "main").write_text(SHA_2)  # main moved on: another model
+    assert changes(first, manifest(SFTConfig(model="org/tiny", data="d.jsonl"), "sft"), []) == [
+        "model: the contents of org/tiny changed"]
+
+
 # --- unmerged LoRA adapter directories ----------------------------------------------------------------------------------
 def moved_adapter(base_dir, out_dir, task_type="CAUSAL_LM"):
     """A LoRA adapter directory (merge_lora=False) whose adapters are not zero, so it differs from its base."""

@@ -260,6 +260,24 @@ def test_rm_score_adds_a_reward_field(trained, files, tmp_path):
     assert summary["reward_mean"] == pytest.approx(0.0, abs=1e-4)  # demos.jsonl was the normalisation set
 
 
+def test_rm_score_reads_text_records_and_conversational_completions(trained, files, tmp_path):
+    from tether.recipes.reward_score import prompt_and_completion
+
+    user, reply = {"role": "user", "content": "hi"}, {"role": "assistant", "content": "fine"}
+    assert prompt_and_completion({"text": "a whole review"}) == ("", "a whole review")
+    assert prompt_and_completion({"prompt": [user], "completion": [reply]}) == ([user], "fine")
+    assert prompt_and_completion({"messages": [user, reply, user, reply]}) == ([user, reply, user], "fine")
+    run_dir, _ = trained
+    D.write_jsonl(tmp_path / "texts.jsonl", [{"text": "good good film"}, {"text": "bad film"}])
+    run_score(load_config(RMScoreConfig, None, [f"model={run_dir}", f"data={tmp_path / 'texts.jsonl'}"]))
+    rows = [json.loads(line) for line in (tmp_path / "texts.scored.jsonl").read_text().splitlines()]
+    expected = LearnedReward(run_dir, device="cpu")(["", ""], ["good good film", "bad film"], None)
+    assert [r["reward"] for r in rows] == pytest.approx(expected.scores.tolist(), abs=1e-5)
+    D.write_jsonl(tmp_path / "chat.jsonl", [{"text": "fine"}, {"messages": [user, reply, user]}])
+    with pytest.raises(D.DataError, match=r"chat.jsonl:2: field 'messages': ends with a 'user' turn"):
+        run_score(load_config(RMScoreConfig, None, [f"model={run_dir}", f"data={tmp_path / 'chat.jsonl'}"]))
+
+
 def test_data_kind_detection_ties_and_config_errors(files, tmp_path):
     root, base = files
     assert D.detect_kind(root / "pairs.jsonl") == "pairs" and D.detect_kind(root / "rankings.jsonl") == "rankings"

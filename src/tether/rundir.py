@@ -10,7 +10,7 @@ What a run directory guarantees (README, "Run directories"):
 - no mixing: a directory that holds an earlier run (config.yaml, run.json or checkpoints) is refused unless the new
   run resumes it (`resume=true`) or replaces it (`overwrite=true`, which empties the directory first).
 - resume of the same run only: run.json records the command, every config key and a fingerprint of every input file
-  or directory the config names; `resume=true` refuses any difference in them except the keys `resume_changed`
+  or directory the config names (of a Hub ID: the commit it stands for in the local cache, `hub_commit`); `resume=true` refuses any difference in them except the keys `resume_changed`
   lists (and the keys that cannot change a result: output, logging and checkpoint cadence).
 """
 
@@ -22,6 +22,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -93,6 +94,24 @@ def fingerprint(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
+def hub_commit(name: str) -> str | None:
+    """The commit a Hub ID `org/name[@revision]` stands for in the local Hugging Face cache (a model's or a data
+    set's), read from the cache's refs without the network; a 40-hex revision is its own commit; None when the ID is
+    not cached (yet) or `name` is not a Hub ID."""
+    from huggingface_hub import constants
+
+    repo_id, _, revision = name.partition("@")
+    if repo_id.count("/") != 1 or not all(repo_id.split("/")):
+        return None
+    if re.fullmatch(r"[0-9a-f]{40}", revision):
+        return revision
+    for kind in ("models", "datasets"):
+        ref = Path(constants.HF_HUB_CACHE) / f"{kind}--{repo_id.replace('/', '--')}" / "refs" / (revision or "main")
+        if ref.is_file():
+            return ref.read_text().strip() or None
+    return None
+
+
 def manifest(cfg, command: str, world_size: int = 1) -> dict:
     """run.json: the command, every config key, a fingerprint of every key whose value names a file or dir, and
     what ran it (world size, versions, the source's git commit)."""
@@ -104,6 +123,8 @@ def manifest(cfg, command: str, world_size: int = 1) -> dict:
         source = value if Path(value).exists() else value.split(":")[0]  # a DatasetDict's "DIR:split"
         if source and Path(source).exists():
             inputs[key] = fingerprint(Path(source))
+        elif source and hub_commit(source):
+            inputs[key] = f"hub {hub_commit(source)}"
     return {"command": command, "config": settings, "inputs": inputs, "world_size": world_size,
             "versions": versions(), "git_commit": source_commit()}
 
@@ -152,7 +173,8 @@ def changes(stored: dict, now: dict, accepted: list[str]) -> list[str]:
         if old.get(key, "(absent)") != new.get(key, "(absent)"):
             out.append(f"{key}: {old.get(key, '(absent)')!r} -> {new.get(key, '(absent)')!r}")
     for key in sorted(set(stored.get("inputs", {})) | set(now["inputs"])):
-        if key not in accepted and key not in FREE_ON_RESUME and \
+        first_cached = key not in stored.get("inputs", {}) and now["inputs"][key].startswith("hub ")
+        if key not in accepted and key not in FREE_ON_RESUME and not first_cached and \
                 stored.get("inputs", {}).get(key) != now["inputs"].get(key) and old.get(key) == new.get(key):
             out.append(f"{key}: the contents of {new.get(key)} changed")
     return out

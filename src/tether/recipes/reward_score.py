@@ -3,9 +3,9 @@
     tether rm score model=runs/rm data=samples.jsonl out=samples.scored.jsonl
 
 Each output line is the input record plus `reward` (normalised, as every consumer sees it; normalize=false for the
-raw head output), and `reward_std` for an ensemble (its members' disagreement). Records are {prompt, completion}, or
-{messages} whose last turn is the assistant's response; they are scored in batches, in the RM's training tokenisation
-(rewards.LearnedReward).
+raw head output), and `reward_std` for an ensemble (its members' disagreement). Records are {prompt, completion} (the
+completion a string or turns), {messages} whose last turn is the assistant's response, or {text} (scored whole); they
+are scored in batches, in the RM's training tokenisation (rewards.LearnedReward).
 
 A directory saved by `tether rm` gives the same numbers without tether: AutoModelForSequenceClassification and its
 saved tokenizer, on the ids scored here (the prompt's, the completion's, then EOS) right-padded, give exactly
@@ -41,10 +41,33 @@ class RMScoreConfig:
 
 
 def prompt_and_completion(record: dict) -> tuple:
-    """(prompt, completion) of a demonstration record; for a chat, the last turn is the response."""
+    """(prompt, response) of a demonstration record, the response being what is scored:
+    - {prompt, completion}: the completion; given as turns (TRL's conversational form), its last turn, after the
+      prompt's turns and the completion's earlier ones;
+    - {messages}: the last turn;
+    - {text}: all of it, after an empty prompt.
+    The response must be the assistant's: a conversation that ends with another role raises DataError."""
+    if "text" in record and "completion" not in record and "messages" not in record:
+        return "", record["text"]
     if "messages" in record:
-        return record["messages"][:-1], record["messages"][-1]["content"]
-    return record["prompt"], record["completion"]
+        turns, name = record["messages"], "messages"
+    elif isinstance(record["completion"], list):
+        turns, name = list(record["prompt"]) + record["completion"], "completion"
+    else:
+        return record["prompt"], record["completion"]
+    if turns[-1]["role"] != "assistant":
+        raise D.DataError(f"ends with a {turns[-1]['role']!r} turn; the scored response is the last turn, the "
+                          "assistant's", field=name)
+    return turns[:-1], turns[-1]["content"]
+
+
+def _located(fn, record: dict, path: str, line: int):
+    """fn(record), a DataError told at the record's file and line."""
+    try:
+        return fn(record)
+    except D.DataError as e:
+        e.path, e.line = path, line
+        raise
 
 
 def run(cfg: RMScoreConfig) -> dict:
@@ -54,7 +77,8 @@ def run(cfg: RMScoreConfig) -> dict:
     scored = []
     for start in range(0, len(records), cfg.chunk):
         chunk = records[start : start + cfg.chunk]
-        prompts, completions = zip(*(prompt_and_completion(r) for r in chunk))
+        lines = records.lines[start : start + cfg.chunk]
+        prompts, completions = zip(*(_located(prompt_and_completion, r, cfg.data, n) for r, n in zip(chunk, lines)))
         out = reward(list(prompts), list(completions), chunk)
         for i, record in enumerate(chunk):
             extra = {"reward": float(out.scores[i])}
