@@ -119,6 +119,16 @@ class ModelFields(Fields):
     lora_dropout: float = opt(0.0, "LoRA dropout", check=between(0, 1, high_open=True))
     lora_target_modules: str = opt("all-linear", "LoRA target modules: all-linear or a comma list of names")
     merge_lora: bool = opt(True, "merge LoRA adapters into the saved model")
+    train_shard: str = opt("ddp", "how processes hold the model: ddp (a full copy each) or fsdp2 (parameters, "
+                                  "gradients and AdamW state sharded per decoder layer: distributed/fsdp.py)",
+                           check=one_of("ddp", "fsdp2"))
+    fsdp_cpu_offload: bool = opt(False, "fsdp2: keep the sharded parameters, gradients and optimizer state in CPU "
+                                        "memory between uses")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.train_shard == "fsdp2" and self.lora_r > 0:
+            raise ConfigError("key 'train_shard': fsdp2 shards full fine-tuning only (lora_r=0); LoRA trains with ddp")
 
 
 @dataclass
@@ -237,6 +247,7 @@ class Engine:
         torch.manual_seed(self.seed)
         self.checkpoint_objects: list[Any] = []
         self.model = self.optimizer = self.scheduler = None
+        self.sharded = False  # train_shard=fsdp2, set by setup
         self.total_steps, self.n_examples, self.resumed_from = 0, 0, 0
         self._t0, self._tokens, self._window = time.time(), 0, (time.time(), 0)
         self._progress = None
@@ -268,6 +279,11 @@ class Engine:
         self.total_steps, self.n_examples = total_steps, n_examples
         if cfg.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.sharded = getattr(cfg, "train_shard", "ddp") == "fsdp2" and self.world_size > 1  # 1 process: whole
+        if self.sharded:  # before the optimizer: it must hold the sharded parameters
+            from tether.distributed import fsdp
+
+            model = fsdp.shard(model, self.accelerator.mixed_precision, cfg.fsdp_cpu_offload)
         params = [p for p in model.parameters() if p.requires_grad] + list(extra_params or [])
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
                                       fused=fused_adamw_ok(params))
@@ -275,10 +291,20 @@ class Engine:
             optimizer,
             lambda s: lr_multiplier(s, total_steps, cfg.warmup_steps, cfg.lr_schedule, cfg.min_lr_ratio),
         )
-        model, optimizer = self.accelerator.prepare(model, optimizer)
+        if not self.sharded:  # FSDP2 needs no wrapper; its checkpoints are written by torch.distributed.checkpoint
+            model, optimizer = self.accelerator.prepare(model, optimizer)
         self.accelerator.register_for_checkpointing(scheduler)
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         return model, optimizer, scheduler
+
+    def full_weights(self):
+        """A context in which the model holds its whole weights on every rank (FSDP2: one all-gather; DDP: a no-op),
+        for sampling: ranks may then run different numbers of forwards without waiting for each other."""
+        if not self.sharded:
+            return nullcontext()
+        from tether.distributed.fsdp import gathered
+
+        return gathered(self.model)
 
     def register(self, obj: Any) -> None:
         """Checkpoint this object too (anything with state_dict/load_state_dict: a KL controller, a value model...)."""
@@ -309,7 +335,10 @@ class Engine:
         """Backpropagate `loss` (already divided by a global count); skip DDP's all-reduce until the last micro-batch."""
         self._step = step
         self.check_finite(loss, step, "loss")
-        ctx = nullcontext() if last_micro or self.world_size == 1 else self.accelerator.no_sync(self.model)
+        if self.sharded:
+            self.model.set_requires_gradient_sync(last_micro)  # FSDP2's no_sync
+        ctx = nullcontext() if last_micro or self.world_size == 1 or self.sharded else self.accelerator.no_sync(
+            self.model)
         with ctx:
             self.accelerator.backward(loss * self.world_size)  # DDP averages over processes; the loss already sums
 
@@ -338,7 +367,9 @@ class Engine:
                              f"{self.checkpoint_dir}")
 
     def _trainable(self) -> list[torch.Tensor]:
-        return [p for g in self.optimizer.param_groups for p in g["params"]]
+        """This process's trainable weights: with FSDP2 its shards (each rank checks and snapshots its own)."""
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        return [p.to_local() if hasattr(p, "to_local") else p for p in params] if self.sharded else params
 
     def _take_snapshot(self) -> None:
         params = self._trainable()
@@ -359,7 +390,12 @@ class Engine:
         params = self._trainable()
         guard = getattr(self.cfg, "guard_updates", False)
         grad_norm = 0.0
-        if self.cfg.max_grad_norm > 0:
+        if self.sharded:
+            from tether.distributed.fsdp import clip_grad_norm
+
+            grad_norm = clip_grad_norm([p for g in self.optimizer.param_groups for p in g["params"]],
+                                       self.cfg.max_grad_norm)
+        elif self.cfg.max_grad_norm > 0:
             grad_norm = float(self.accelerator.clip_grad_norm_(params, self.cfg.max_grad_norm))
         elif guard:
             grads = [p.grad for p in params if p.grad is not None]
@@ -444,6 +480,10 @@ class Engine:
             shutil.rmtree(partial)
         self.accelerator.wait_for_everyone()
         self.accelerator.save_state(str(partial))
+        if self.sharded:
+            from tether.distributed.fsdp import save_sharded
+
+            save_sharded(self.model, self.optimizer, partial / "sharded")
         self.accelerator.wait_for_everyone()
         if self.is_main:
             write_atomic(partial / "tether_state.json", strict_json({"next_step": next_step, "extra": extra or {}}))
@@ -467,6 +507,10 @@ class Engine:
             try:
                 state = json.loads((path / "tether_state.json").read_text())
                 self.accelerator.load_state(str(path))
+                if self.sharded:
+                    from tether.distributed.fsdp import load_sharded
+
+                    load_sharded(self.model, self.optimizer, path / "sharded")
             except Exception as e:  # a torn or foreign checkpoint: fall back to the one before it
                 log.warning("checkpoint %s is unreadable (%s); trying the one before it", path, e)
                 continue
@@ -498,11 +542,18 @@ class Engine:
         """Save a normal HF model directory (LoRA merged unless merge_lora=false); returns its path."""
         path = Path(path or self.run_dir / "model")
         self.accelerator.wait_for_everyone()
-        if self.is_main:
+        if self.sharded and getattr(model, "unshard", None) is not None:  # an FSDP2 module
+            from tether.distributed import fsdp
+
+            state = fsdp.full_state_dict(model)  # every rank takes part in the gather
+            if self.is_main:
+                fsdp.save_consolidated(model, state, path, tokenizer)
+        elif self.is_main:
             from tether.models import save_pretrained
 
             merge = self.cfg.merge_lora if merge is None else merge
             save_pretrained(self.unwrap(model), path, tokenizer=tokenizer, merge_lora=merge)
+        if self.is_main:
             write_card(path, self.command, self.cfg)  # completed with the run's figures by finish()
             self._saved_models.append(path)
         self.accelerator.wait_for_everyone()
