@@ -72,7 +72,10 @@ ERROR_CASES = [
     ("verifiable", '{"prompt": "p"}', "answer", "needs 'answer' or 'tests'"),
     ("verifiable", '{"prompt": "p", "tests": ["assert f(1) == 2", ""]}', "tests[1]", "is empty"),
     ("steps", '{"prompt": "p", "steps": ["a", "b"], "labels": [1]}', "labels", "has 1 labels for 2 steps"),
-    ("steps", '{"prompt": "p", "steps": ["a", "b"], "labels": [1, 2]}', "labels[1]", "must be 0, 1, true or false"),
+    ("steps", '{"prompt": "p", "steps": ["a", "b"], "labels": [1, 2]}', "labels[1]", "must be 1, 0, -1 (PRM800K"),
+    ("steps", '{"prompt": "p", "steps": ["a", "b"], "labels": [-1, 1]}', "labels[1]",
+     "follows the wrong step 0: labels stop at the first wrong step"),
+    ("steps", '{"prompt": "p", "steps": ["a"], "labels": [1, 1]}', "labels", "has 2 labels for 1 steps"),
     # whole-line errors carry no field
     ("pairs", '{"prompt": "p", "chosen": ', None, "invalid JSON"),
     ("pairs", '["p", "good", "bad"]', None, "expected a JSON object, got list (one JSON object per line"),
@@ -135,7 +138,8 @@ def test_valid_records_of_every_kind():
         "unpaired": [{"prompt": "p", "completion": "c", "label": True}],
         "verifiable": [{"prompt": "p", "answer": "85"}, {"prompt": "p", "answer": 2.5}, {"prompt": "p", "tests": "t"},
                        {"prompt": "p", "tests": ["t1", "t2"]}],
-        "steps": [{"prompt": "p", "steps": ["a", "b", "c"], "labels": [1, 0, True]}],
+        "steps": [{"prompt": "p", "steps": ["a", "b", "c"], "labels": [1, 0, True]},
+                  {"prompt": "p", "steps": ["a", "b", "c"], "labels": [1, -1]}],  # labelling stopped at step 1
     }
     assert set(valid) == set(D.RECORD_KINDS)
     for kind, records in valid.items():
@@ -216,7 +220,8 @@ def test_validation_never_raises_recursion_or_overflow_in_memory():
         deep = [deep]
     with pytest.raises(D.DataError) as info:
         D.validate_record({"prompt": "p", "steps": ["a"], "labels": [deep]}, "steps")
-    assert str(info.value) == "<memory>: field 'labels[0]': must be 0, 1, true or false, got list"
+    assert str(info.value) == ("<memory>: field 'labels[0]': must be 1, 0, -1 (PRM800K: good, neutral, wrong), true or false, "
+                               "got list")
     with pytest.raises(D.DataError, match=r"field 'weight': must be a number with 0 < weight <= 1e4, got an integer of about 5000 digits$"):
         D.validate_record({"prompt": "p", "chosen": "a", "rejected": "b", "weight": 10**5000}, "pairs")
     with pytest.raises(D.DataError, match=r"field 'weight': must be a number > 0, got list$"):

@@ -28,7 +28,8 @@ repositories and Hub datasets hold the same fields; unknown extra fields are kep
     rankings         prompt + "completions": [str, ...] (K >= 2), "ranking": [best ... worst] a permutation of 0..K-1
     unpaired         prompt + "completion", "label": true|false
     verifiable       prompt + "answer": str|number and/or "tests": str|[str, ...]
-    steps            prompt + "steps": [str, ...], "labels": [0|1|true|false, ...] of the same length
+    steps            prompt + "steps": [str, ...], "labels": [1|0|-1|true|false, ...] (PRM800K: good, neutral,
+                     wrong), one per step, or fewer when labelling stopped at the first wrong step (-1 last)
 
 TRL's dataset formats map onto these kinds, each in its standard (strings) and conversational (turns) form: language
 modelling {"text"} / {"messages"} and prompt-completion are demonstrations, prompt-only is prompts, preference

@@ -244,14 +244,19 @@ def load_records(path: str | Path, kind: str, skip_invalid: bool = False) -> Rec
 
 
 def detect_kind(path: str | Path) -> str:
-    """'rankings' when the first record has `completions`, 'pairs' when it has `chosen`."""
+    """'rankings' when the first record has `completions`, 'pairs' when it has `chosen`, 'steps' when it has
+    `steps` (a process reward model's step labels), 'unpaired' when it has `completion` and `label` (outcomes)."""
     for line, row in read_rows(path):
         if isinstance(row, dict) and "completions" in row:
             return "rankings"
         if isinstance(row, dict) and "chosen" in row:
             return "pairs"
-        raise DataError("cannot tell pairs from rankings (no 'chosen' or 'completions'); set data_kind",
-                        path, line)
+        if isinstance(row, dict) and "steps" in row:
+            return "steps"
+        if isinstance(row, dict) and "label" in row and "completion" in row:
+            return "unpaired"
+        raise DataError("cannot tell the kind (no 'chosen', 'completions', 'steps', or 'completion' with 'label'); "
+                        "set data_kind", path, line)
     raise DataError("no records", path)
 
 

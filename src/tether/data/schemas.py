@@ -288,12 +288,18 @@ def _check_steps(record: dict) -> None:
     steps = _text_list(_required(record, "steps"), "steps")
     labels = _required(record, "labels")
     if not isinstance(labels, list):
-        raise DataError(f"must be a list of 0/1 labels, got {_type_name(labels)}", field="labels")
-    if len(labels) != len(steps):
-        raise DataError(f"has {len(labels)} labels for {len(steps)} steps", field="labels")
+        raise DataError(f"must be a list of step labels (+1 / 0 / -1), got {_type_name(labels)}", field="labels")
     for i, label in enumerate(labels):
-        if not (isinstance(label, bool) or (isinstance(label, int) and label in (0, 1))):
-            raise DataError(f"must be 0, 1, true or false, got {_show(label)}", field=f"labels[{i}]")
+        if not (isinstance(label, bool) or (isinstance(label, int) and label in (-1, 0, 1))):
+            raise DataError(f"must be 1, 0, -1 (PRM800K: good, neutral, wrong), true or false, got {_show(label)}",
+                            field=f"labels[{i}]")
+        if i and (labels[i - 1] is False or (not isinstance(labels[i - 1], bool) and labels[i - 1] == -1)):
+            raise DataError(f"follows the wrong step {i - 1}: labels stop at the first wrong step",
+                            field=f"labels[{i}]")
+    wrong_last = bool(labels) and (labels[-1] is False or (not isinstance(labels[-1], bool) and labels[-1] == -1))
+    if len(labels) > len(steps) or (len(labels) < len(steps) and not wrong_last):
+        raise DataError(f"has {len(labels)} labels for {len(steps)} steps (fewer only when labelling stopped at a "
+                        "wrong step, -1)", field="labels")
 
 
 SCHEMAS: dict[str, Callable[[dict], None]] = {

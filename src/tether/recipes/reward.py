@@ -60,6 +60,7 @@ from tether.recipes.reward_eval import (
     load_comparisons,
     load_task,
 )
+from tether.rewards import prm
 from tether.rewards.learned import score_sequences
 from tether.tasks import TASKS
 from tether.wrappers import hf_model
@@ -71,7 +72,8 @@ log = logging.getLogger(__name__)
 class RewardConfig(TrainConfig):
     model: str = opt("", "causal-LM (usually the SFT model) or reward-model directory to start from (required)")
     data: str = opt("", "comparisons: pairs or rankings (JSONL, Parquet or saved dataset; required)")
-    data_kind: str = opt("auto", "pairs | rankings | auto (rankings if the first record has 'completions')",
+    data_kind: str = opt("auto", "pairs | rankings | steps | unpaired | auto (told apart by the first record's "
+                         "fields: chosen, completions, steps, completion + label)",
                          check=one_of("auto", *COMPARISON_KINDS))
     eval_data: str = opt("", "held-out comparisons (default: hold out eval_fraction of data)")
     eval_fraction: float = opt(0.1, "share of `data` held out for evaluation when eval_data is empty",
@@ -131,11 +133,15 @@ def rankings_loss(model, batch: dict, denominator: float, label_smoothing: float
     return loss * B / denominator, metrics
 
 
-LOSSES = {"pairs": (D.collate_pairs, pairs_loss), "rankings": (D.collate_rankings, rankings_loss)}
+LOSSES = {"pairs": (D.collate_pairs, pairs_loss), "rankings": (D.collate_rankings, rankings_loss),
+          "steps": (prm.collate_labelled, prm.labelled_loss), "unpaired": (prm.collate_labelled, prm.labelled_loss)}
 
 
 def element_weight(kind: str, example) -> float:
-    """What an element adds to the global denominator: a pair its weight, a ranking 1."""
+    """What an element adds to the global denominator: a pair its weight, a ranking 1, a labelled completion its
+    count of labelled positions (the classifiers' loss is a mean over labelled steps)."""
+    if kind in prm.LABELLED_KINDS:
+        return float(len(example.targets))
     return example.weight if kind == "pairs" else 1.0
 
 
@@ -225,7 +231,9 @@ def train_one(cfg: RewardConfig, tokenizer, train: Comparisons, held: Comparison
     hf = hf_model(engine.unwrap(model))
     hf.config.reward_bias, hf.config.reward_gain = 0.0, 1.0
     bias, gain = 0.0, 1.0
-    if cfg.normalize:
+    if train.kind in prm.LABELLED_KINDS:  # a classifier: its logit is a log-odds and is kept one
+        hf.config.reward_kind, hf.config.prm_delimiter = ("prm" if train.kind == "steps" else "orm"), prm.DELIMITER
+    elif cfg.normalize:
         raw = score_sequences(model, reference_sequences(cfg, tokenizer, train), pad, cfg.eval_batch_size,
                               engine.device, normalize=False)
         bias, gain = normalization(raw, cfg.normalize_scale)

@@ -38,6 +38,7 @@ from tether.config import ConfigError, at_least, one_of, opt
 from tether.forward import normalized
 from tether.metrics import expected_calibration_error
 from tether.models import load_reward_model, load_tokenizer
+from tether.rewards import prm
 from tether.rewards.learned import reward_model_dirs, score_sequences
 from tether.tasks import TASKS
 from tether.wrappers import hf_model
@@ -49,8 +50,9 @@ log = logging.getLogger(__name__)
 class RMEvalConfig:
     model: str = opt("", "reward model: a `tether rm` run dir, a model dir or an ensemble dir (required)")
     data: str = opt("", "held-out comparisons: pairs or rankings (JSONL, Parquet or saved dataset; required)")
-    data_kind: str = opt("auto", "pairs | rankings | auto (rankings if the first record has 'completions')",
-                         check=one_of("auto", "pairs", "rankings"))  # "auto" and the keys of COMPARISON_KINDS
+    data_kind: str = opt("auto", "pairs | rankings | steps | unpaired | auto (told apart by the first record's "
+                         "fields)", check=one_of("auto", "pairs", "rankings", "steps", "unpaired"))
+    # "auto" and the keys of COMPARISON_KINDS
     task: str = opt("", "embedded task with a gold reward (reviews): report agreement with the gold ranking",
                     check=one_of("", *TASKS))
     out: str = opt("", "output directory for summary.json (default runs/rm-eval-<timestamp>)")
@@ -91,9 +93,20 @@ class ComparisonKind:
     sequences: object  # example -> token sequences (prompt + completion), best first
 
 
+def _labelled_texts(record: dict) -> list[str]:
+    return [record["completion"]] if "completion" in record else [prm.DELIMITER.join(record["steps"])]
+
+
+def _labelled_sequences(ex: prm.LabelledExample) -> list[list[int]]:
+    return [ex.prompt_ids + ex.completion_ids]
+
+
 COMPARISON_KINDS = {
     "pairs": ComparisonKind(D.encode_pair, _pair_texts, _pair_sequences),
     "rankings": ComparisonKind(D.encode_ranking, _ranking_texts, _ranking_sequences),
+    # labelled completions, trained as classifiers (rewards.prm): step labels (a PRM), outcome labels (an ORM)
+    "steps": ComparisonKind(prm.encode_steps, _labelled_texts, _labelled_sequences),
+    "unpaired": ComparisonKind(prm.encode_outcome, _labelled_texts, _labelled_sequences),
 }
 
 
@@ -220,9 +233,12 @@ def score_groups(models: list, comparisons: Comparisons, pad_id: int, batch_size
 
 def evaluate_comparisons(models: list, comparisons: Comparisons, pad_id: int, batch_size: int, device,
                          task=None, n_buckets: int = 4) -> dict:
-    """accuracy, loss, ece, length bias and (with a task) gold agreement of reward model(s) on comparisons."""
+    """accuracy, loss, ece, length bias and (with a task) gold agreement of reward model(s) on comparisons;
+    for step or outcome labels (a PRM, an ORM) the classifier's step and solution accuracy (prm.evaluate_labelled)."""
     if not comparisons.examples:
         return {}
+    if comparisons.kind in prm.LABELLED_KINDS:
+        return prm.evaluate_labelled(models, comparisons.examples, comparisons.kind, pad_id, batch_size, device)
     raw, norm = score_groups(models, comparisons, pad_id, batch_size, device)
     better, worse, weight = ordered_pairs(raw)
     out = preference_metrics(better, worse, weight)

@@ -1,6 +1,7 @@
 """Reward specs: one string names the reward of a run (PPO, GRPO, best-of-N and online DPO all read `reward=`).
 
     reward_from_spec("rm:runs/rm")                         # a learned reward model or ensemble (LearnedReward)
+    reward_from_spec("prm:runs/prm")                       # a process reward model (rewards.prm.PRMReward)
     reward_from_spec("python:my_rewards:brevity")          # f(prompts, completions, records) -> list[float]
     reward_from_spec("python:trl_rewards:accuracy")        # TRL's f(completions, **columns) works as it is
     reward_from_spec("python:path/to/rewards.py:brevity")  # the same, from a file
@@ -34,7 +35,7 @@ BUILTINS = {
     "format_lenient": "tether.rewards.format:think_answer_format_lenient",
 }
 
-_FORMS = "rm:DIR, python:MODULE:FUNCTION, python:FILE.py:FUNCTION or a built-in (" + ", ".join(BUILTINS) + ")"
+_FORMS = "rm:DIR, prm:DIR, python:MODULE:FUNCTION, python:FILE.py:FUNCTION or a built-in (" + ", ".join(BUILTINS) + ")"
 
 
 def parse_spec(spec: str) -> list[tuple[str, float]]:
@@ -83,6 +84,10 @@ def source_from_term(term: str, **rm_kwargs) -> RewardSource:
         from tether.rewards.learned import LearnedReward
 
         return LearnedReward(term[3:], **rm_kwargs)
+    if term.startswith("prm:"):  # a process reward model: Π_k p(step k correct), per-step scores kept
+        from tether.rewards.prm import PRMReward
+
+        return PRMReward(term[4:], **{k: v for k, v in rm_kwargs.items() if k in ("batch_size", "device", "dtype")})
     if term.startswith("python:"):
         fn = load_function(term[len("python:"):])
     elif term in BUILTINS:
