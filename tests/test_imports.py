@@ -96,10 +96,12 @@ def test_a_recipe_offers_only_keys_it_reads(module_name):
 
     from tether import engine, losses, models, rundir
     from tether.cli import COMMANDS
+    from tether.distributed import placement, ray_backend, rollout
 
     module = importlib.import_module(module_name)
     cls = next(getattr(module, c) for m, c in COMMANDS.values() if m == module_name)
-    source = "".join(inspect.getsource(m) for m in (module, engine, models, losses, rundir))
+    source = "".join(inspect.getsource(m) for m in (module, engine, models, losses, rundir, placement, ray_backend,
+                                                     rollout))
     if module_name == "tether.recipes.online_dpo":
         source += inspect.getsource(importlib.import_module("tether.recipes.dpo"))
     unread = [f.name for f in dataclasses.fields(cls)

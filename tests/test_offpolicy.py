@@ -80,3 +80,41 @@ def test_unit_weights_leave_the_ppo_loss_unchanged_and_weights_scale_each_token(
 def test_version_lag():
     assert L.version_lag(5, torch.tensor([5, 4, 4, 3])).item() == 1.0
     assert L.version_lag(2, torch.tensor([2, 2])).item() == 0.0
+
+
+# --- the rollout queue (distributed/staleness.py) ---------------------------------------------------------------------
+def schedule(max_staleness: int, steps: int):
+    """(step trained, step sampled for, version that sampled it) and the produce calls, through a real queue."""
+    from tether.distributed.staleness import LocalProducer, RolloutQueue
+
+    made = []
+    current = {"version": 0}
+    producer = LocalProducer(lambda s: made.append((s, current["version"])) or s)
+    queue = RolloutQueue(max_staleness, producer, end=steps)
+    trained = []
+    for step in range(steps):
+        current["version"] = step
+        batch = queue.next(step, version=step)
+        trained.append((step, batch.payload, batch.version))
+    return trained, made
+
+
+def test_queue_with_no_staleness_samples_each_step_then_trains():
+    trained, made = schedule(0, 3)
+    assert made == [(0, 0), (1, 1), (2, 2)]
+    assert trained == [(0, 0, 0), (1, 1, 1), (2, 2, 2)]
+
+
+def test_queue_with_staleness_one_samples_a_step_ahead_and_never_past_the_end():
+    trained, made = schedule(1, 4)
+    assert made == [(0, 0), (1, 0), (2, 1), (3, 2)]  # batch s+1 sampled by version s; nothing for step 4
+    assert trained == [(0, 0, 0), (1, 1, 0), (2, 2, 1), (3, 3, 2)]  # lag 0, then 1
+
+
+def test_queue_refuses_a_batch_older_than_max_staleness():
+    from tether.distributed.staleness import LocalProducer, RolloutQueue
+
+    queue = RolloutQueue(1, LocalProducer(lambda s: s))
+    queue.next(0, version=0)
+    with pytest.raises(RuntimeError, match="sampled by version 0 cannot train step 1 at version 3"):
+        queue.next(1, version=3)
