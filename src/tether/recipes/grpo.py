@@ -11,7 +11,10 @@ One step (docs/reference.md §Group policy gradients), the shape of PPO's (rollo
 2. every reward function scores every completion (each logged on its own), the weighted sum is the score; a response
    with no EOS gets the soft overlong penalty when `overlong_cache` > 0 (DAPO); with `dynamic_sampling`, groups whose
    scores are all equal carry no signal and are replaced by fresh prompts (bounded tries);
-3. advantages from the named estimator (`advantages.ADVANTAGE_ESTIMATORS`), broadcast over response tokens;
+3. advantages from the named estimator (`advantages.ADVANTAGE_ESTIMATORS`), broadcast over response tokens; with a
+   reward that scores steps (`reward=prm:DIR`) and `process=true`, the process-supervision advantage instead
+   (DeepSeekMath §4.1.3, `advantages.process_advantages`): step rewards normalised over the group, each token's
+   advantage the sum of the normalised rewards of the steps ending at or after it;
 4. `ppo_epochs` passes of the clipped surrogate (clip-higher via clip_high) aggregated by `aggregation`, plus
    β·k3 KL to the reference in the loss. With β = 0 no reference model is loaded at all;
 5. metrics: kl, clipfrac and approx_kl are token means over every micro-batch of the step.
@@ -31,7 +34,7 @@ from typing import ClassVar
 
 import torch
 
-from tether.advantages import ADVANTAGE_ESTIMATORS, kl_penalized_rewards
+from tether.advantages import ADVANTAGE_ESTIMATORS, kl_penalized_rewards, process_advantages
 from tether.config import ConfigError, above, at_least, one_of, opt
 from tether.engine import (
     SCHEDULES,
@@ -52,6 +55,7 @@ from tether.prompts import load_task, train_and_held_out
 from tether.reference import ReferencePolicy
 from tether.rewards import FunctionReward, RewardSource
 from tether.rewards.format import soft_overlong_penalty
+from tether.rewards.process import step_end_positions
 from tether.tasks import TASKS
 
 log = logging.getLogger(__name__)
@@ -82,6 +86,8 @@ class GRPOConfig(ModelFields, CheckpointFields, OptimizerFields, RunFields):
     clip_high: float = opt(0.2, "PPO clip upper ε (DAPO clip-higher: 0.28)", check=above(0))
     ppo_epochs: int = opt(1, "passes over each batch (1: the ratio is 1 and the loss is the policy gradient)",
                           check=at_least(1))
+    process: bool = opt(True, "with a reward that scores steps (prm:DIR): the process-supervision advantage "
+                              "(DeepSeekMath §4.1.3); false: the outcome advantage of its solution score")
     dynamic_sampling: bool = opt(False, "drop groups whose scores are all equal and refill them (DAPO)")
     max_refills: int = opt(4, "extra sampling rounds per step for dynamic sampling", check=at_least(0))
     overlong_cache: int = opt(0, "DAPO soft overlong penalty window Lc in tokens (0 = off)", check=at_least(0))
@@ -118,12 +124,23 @@ def build_rewards(cfg: GRPOConfig, task) -> list[tuple[str, RewardSource, float]
 
 def score(rewards, prompts, completions, records) -> tuple[torch.Tensor, dict[str, float]]:
     """Weighted sum of every reward source; each source's mean is returned for logging."""
-    total, parts = torch.zeros(len(completions)), {}
+    total, parts, _ = score_with_steps(rewards, prompts, completions, records)
+    return total, parts
+
+
+def score_with_steps(rewards, prompts, completions, records):
+    """`score` and the weighted per-step scores of the one source that gives them (a PRM), else None."""
+    total, parts, steps = torch.zeros(len(completions)), {}, None
     for name, source, weight in rewards:
-        s = source(prompts, completions, records).scores.float().cpu()
+        out = source(prompts, completions, records)
+        s = out.scores.float().cpu()
         total += weight * s
         parts[f"reward/{name}"] = s.mean().item()
-    return total, parts
+        if out.step_scores is not None:
+            if len(rewards) > 1:
+                raise ConfigError(f"reward {name!r} scores steps: process supervision takes it as the only reward")
+            steps = [[weight * x for x in row] for row in out.step_scores]
+    return total, parts, steps
 
 
 def rollout(cfg, model, tokenizer, records, rewards, generator):
@@ -131,7 +148,12 @@ def rollout(cfg, model, tokenizer, records, rewards, generator):
     samples = sample_records(model, tokenizer, records, cfg.group_size, max_new_tokens=cfg.max_new_tokens,
                              temperature=cfg.temperature, generator=generator, return_logprobs=True)
     out = samples.rollout
-    scores, parts = score(rewards, samples.prompts, samples.completions, samples.records)
+    scores, parts, steps = score_with_steps(rewards, samples.prompts, samples.completions, samples.records)
+    if steps is not None and cfg.process:
+        if cfg.dynamic_sampling or cfg.overlong_cache > 0 or cfg.estimator != "grpo":
+            raise ConfigError("process supervision (a reward that scores steps, process=true) works with "
+                              "estimator=grpo, no dynamic_sampling and no overlong_cache; set process=false")
+        parts["steps"] = steps
     if cfg.overlong_cache > 0:
         lengths = out.response_mask.sum(1).float()
         lengths = torch.where(out.has_eos, lengths, torch.full_like(lengths, cfg.max_new_tokens + 1))
@@ -184,6 +206,19 @@ def collect(cfg, engine, model, tokenizer, pool, rewards, step, generator) -> tu
 def _select(rows, roll, scores, keep_groups, group_size):
     idx = keep_groups.repeat_interleave(group_size).nonzero()[:, 0]
     return [rows[i] for i in idx.tolist()], roll.rows(idx), scores[idx]
+
+
+def step_token_ends(tokenizer, roll: Rollout, n_steps: list[int]) -> list[list[int]]:
+    """Per row, the response-token index where each step of the decoded response ends (process.step_end_positions);
+    the count must equal the reward's steps of that row."""
+    ends = []
+    for i, n in enumerate(n_steps):
+        ids = roll.response_ids[i][roll.response_mask[i].bool()]
+        row = step_end_positions(tokenizer, ids)
+        if len(row) != n:
+            raise ValueError(f"row {i}: the reward scored {n} steps but the response has {len(row)}")
+        ends.append(row)
+    return ends
 
 
 def compute_advantages(cfg, estimator, scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -239,6 +274,13 @@ def held_out_reward(model, tokenizer, rewards, records, cfg) -> float:
     return float(score(rewards, s.prompts, s.completions, s.records)[0].mean())
 
 
+def greedy_step_accuracy(model, tokenizer, task, records, cfg) -> float:
+    """Share of held-out greedy completions whose every step is right (a task with `step_accuracy`)."""
+    s = sample_records(model, tokenizer, records, 1, max_new_tokens=cfg.max_new_tokens, temperature=0.0,
+                       batch_size=256)
+    return sum(task.step_accuracy(s.prompts, s.completions, s.records)) / max(1, len(records))
+
+
 def greedy_accuracy(model, tokenizer, task, records, cfg) -> float:
     result = evaluate_policy(model, tokenizer, task, records, n_samples=1, max_new_tokens=cfg.max_new_tokens,
                              temperature=0.0, batch_size=256, seed=cfg.seed)
@@ -269,6 +311,10 @@ def run(cfg: GRPOConfig) -> dict:
     start_value = extra[f"{figure}_start"] if f"{figure}_start" in extra else measure()  # never re-measured
     state = {f"{figure}_start": start_value}
     log.info("grpo: held-out greedy %s at start %.3f", figure, start_value)
+    has_steps = task is not None and hasattr(task, "step_accuracy")  # the steps' own correctness, beside the outcome
+    if has_steps:
+        state["step_accuracy_start"] = extra.get("step_accuracy_start",
+                                                 greedy_step_accuracy(policy, tokenizer, task, held, cfg))
     estimator = ADVANTAGE_ESTIMATORS[cfg.estimator]
     metrics: dict = {}
 
@@ -279,7 +325,12 @@ def run(cfg: GRPOConfig) -> dict:
             engine.log(step, metrics)
             continue
         mask = roll.response_mask.to(engine.device).float()
-        adv = compute_advantages(cfg, estimator, scores.to(engine.device), mask)
+        steps = metrics.pop("steps", None)
+        if steps is not None:  # process supervision: per-step rewards placed at each step's last token
+            ends = step_token_ends(tokenizer, roll, [len(r) for r in steps])
+            adv = process_advantages(steps, ends, mask, cfg.group_size)
+        else:
+            adv = compute_advantages(cfg, estimator, scores.to(engine.device), mask)
         metrics.update(grpo_update(cfg, engine, model, roll, adv, reference, step),
                        length=mask.sum(1).mean().item(), eos_rate=roll.has_eos.float().mean().item())
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
@@ -288,9 +339,12 @@ def run(cfg: GRPOConfig) -> dict:
         engine.maybe_checkpoint(step, extra=state)
 
     end_value = measure()
+    if has_steps:
+        state["step_accuracy_end"] = greedy_step_accuracy(policy, tokenizer, task, held, cfg)
     engine.save_checkpoint(cfg.max_steps, extra=state)
     engine.save_model(model, tokenizer)
     return engine.finish({
         f"{figure}_start": start_value, f"{figure}_end": end_value, "kl_end": metrics.get("kl", float("nan")),
+        **{k: v for k, v in state.items() if k.startswith("step_accuracy")},
         "estimator": cfg.estimator, "steps": cfg.max_steps, "tokens_per_second": engine.tokens_per_second(),
     })

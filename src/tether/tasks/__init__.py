@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib
 
-TASKS = {"reviews": "tether.tasks.reviews", "arithmetic": "tether.tasks.arithmetic"}
+TASKS = {"reviews": "tether.tasks.reviews", "arithmetic": "tether.tasks.arithmetic", "steps": "tether.tasks.steps"}
 
 
 def get_task(name: str):
