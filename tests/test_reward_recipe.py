@@ -474,3 +474,38 @@ def test_lora_rm_saved_as_adapter_scores_like_the_merged_one(files, tmp_path):
     scores = [LearnedReward(tmp_path / name, device="cpu", normalize=False)(prompts, completions, None).scores
               for name in ("merged", "adapter")]
     torch.testing.assert_close(scores[1], scores[0], atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+def test_trl_grpo_trains_against_a_saved_rm_directory(files, tmp_path):
+    """TRL's GRPOTrainer takes the directory `tether rm` saved as `reward_funcs` (it loads it with
+    AutoModelForSequenceClassification, num_labels=1, and scores right-padded batches): it trains, and the rewards it
+    logs are the saved head's scores of the texts it sampled. (TRL scores prompt + completion as text, without the EOS
+    tether appends; the README's "Coming from TRL" says so.)"""
+    trl = pytest.importorskip("trl")
+    from datasets import Dataset
+
+    root, _ = files
+    base = base_without_pad(tmp_path / "base", "qwen2")
+    run(load_config(RewardConfig, None, [f"model={base}", f"data={root / 'pairs.jsonl'}", f"out={tmp_path / 'rm'}",
+                                         "progress=false", "max_steps=4", "batch_size=16", "lr=3e-3"]))
+    saved = tmp_path / "rm" / "model"
+    seen = []
+
+    def record(prompts, completions, **kw):  # a second reward function: sees what the RM scored, adds nothing
+        seen.extend(p + c for p, c in zip(prompts, completions))
+        return [0.0] * len(prompts)
+
+    args = trl.GRPOConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=4, num_generations=4,
+                          max_completion_length=6, max_steps=1, report_to="none", use_cpu=True, bf16=False,
+                          logging_steps=1, save_strategy="no", gradient_checkpointing=False)
+    trainer = trl.GRPOTrainer(model=str(base), reward_funcs=[str(saved), record], args=args,
+                              train_dataset=Dataset.from_list([{"prompt": "the film was"}] * 4))
+    trainer.train()
+    [logged] = [h for h in trainer.state.log_history if any(k.startswith("rewards/") for k in h)]
+    [name] = [k for k in logged if k.startswith("rewards/") and k.endswith("/mean") and "record" not in k]
+    tok = trainer.reward_processing_classes[0]
+    hf = AutoModelForSequenceClassification.from_pretrained(saved).eval()
+    with torch.no_grad():
+        scores = [hf(**tok(t, add_special_tokens=False, return_tensors="pt")).logits[0, 0].item() for t in seen]
+    assert len(seen) == 4 and logged[name] == pytest.approx(sum(scores) / 4, abs=1e-4)
