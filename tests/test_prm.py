@@ -16,6 +16,7 @@ from tether.rewards.prm import (
     PRMReward,
     encode_steps,
     labelled_metrics,
+    majority_answer,
     step_classification_loss,
     step_targets,
 )
@@ -144,3 +145,10 @@ def test_bad_step_records_name_file_line_and_field(files, tmp_path, capsys):
     (tmp_path / "inner.jsonl").write_text(good + "\n" + inner + "\n")
     code = cli_main(["rm", f"model={files / 'base'}", f"data={tmp_path / 'inner.jsonl'}", f"out={tmp_path / 's'}"])
     assert code == 2 and "inner.jsonl:2: field 'steps[0]': holds the step delimiter" in capsys.readouterr().err
+
+
+def test_majority_answer():
+    assert majority_answer([3, 5, 3, None, None, None]) == 3  # None (no answer) never wins
+    assert majority_answer([5, 3, 3, 5]) == 5  # a tie: the first seen
+    assert majority_answer([None]) is None
+    assert majority_answer([5, 3], random.Random(0)) in (5, 3)

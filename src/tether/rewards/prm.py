@@ -173,6 +173,20 @@ def evaluate_labelled(models: list, examples: list[LabelledExample], kind: str, 
     return {"accuracy": out["step_accuracy"], **out}
 
 
+def majority_answer(answers: Sequence, rng=None):
+    """Majority vote (self-consistency, Wang et al. 2022; Lightman et al.'s baseline): the most common final answer,
+    None answers left out; ties broken by `rng.choice` (random.Random), or by first occurrence without one."""
+    counts: dict = {}
+    for a in answers:
+        if a is not None:
+            counts[a] = counts.get(a, 0) + 1
+    if not counts:
+        return None
+    top = max(counts.values())
+    tied = [a for a in counts if counts[a] == top]  # in order of first occurrence
+    return rng.choice(tied) if rng is not None and len(tied) > 1 else tied[0]
+
+
 # --- the reward source ------------------------------------------------------------------------------------------------
 class PRMReward(RewardSource):
     """`reward=prm:DIR`: each step's p(correct) from a PRM (or the final one from an ORM directory), the solution
