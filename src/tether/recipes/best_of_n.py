@@ -127,10 +127,25 @@ def score_groups(groups: list[dict], reward, penalty: float | None, task=None) -
     for g in groups:
         k = len(g["completions"])
         prompts, records = [g["prompt"]] * k, [g["record"]] * k
-        scores = reward(prompts, g["completions"], records).scores.float().tolist()
+        out = reward(prompts, g["completions"], records)
+        scores = out.scores.float().tolist()
+        g["components"] = {name: c.float().tolist() for name, c in out.components.items()
+                           if len(out.components) > 1 or name != getattr(reward, "name", None)}
         g["proxy"] = [s if eos or penalty is None else penalty for s, eos in zip(scores, g["has_eos"])]
         if task is not None:
             g["gold"] = [float(x) for x in task.gold_reward(prompts, g["completions"], records)]
+
+
+def component_rates(groups: list[dict], n: int) -> dict[str, dict[str, float]]:
+    """Each reward component's mean over every sample and over the best-of-n winners (a rule's rate before and after
+    selection): {name: {"all": ..., "best": ...}}."""
+    names = list(groups[0].get("components", {})) if groups else []
+    out = {}
+    for name in names:
+        every = [x for g in groups for x in g["components"][name]]
+        best = [g["components"][name][best_index(g["proxy"][:n])] for g in groups]
+        out[name] = {"all": sum(every) / len(every), "best": sum(best) / len(best)}
+    return out
 
 
 def best_index(scores: list[float]) -> int:
@@ -262,7 +277,8 @@ def run(cfg: BoNConfig) -> dict:
     D.write_jsonl(run_dir / "winners.jsonl", winners(groups, cfg.n, cfg.missing_eos_penalty is not None))
     at_n = next(row for row in table if row["n"] == max(k for k in cfg.n_values() if k <= cfg.n))
     summary = {"n": at_n["n"], "samples": cfg.n_samples(), "n_prompts": len(held), "table": table,
-               **{f"{k}_at_n": v for k, v in at_n.items() if k != "n"}}
+               **{f"{k}_at_n": v for k, v in at_n.items() if k != "n"},
+               "components": component_rates(groups, at_n["n"])}
     if cfg.sft:
         summary.update(expert_iteration(cfg, tokenizer, reward, task, run_dir, held))
     summary["wall_seconds"] = time.time() - t0

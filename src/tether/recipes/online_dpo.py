@@ -85,6 +85,8 @@ def rater_labeler(task, tau: float, seed: int):
     if not hasattr(task, "rater_prefers"):
         raise ConfigError(f"task {task.__name__} has no simulated raters; use label_source=gold or a reward spec")
     rng = random.Random(f"online-raters-{seed}")
+    if hasattr(task, "rater_labels"):  # raters whose utility is not the gold reward (tasks.sycophancy)
+        return lambda prompts, a, b, records: task.rater_labels(prompts, a, b, records, tau, rng)
 
     def label(prompts, a, b, records):
         gold_a, gold_b = task.gold_reward(prompts, a, records), task.gold_reward(prompts, b, records)
@@ -135,9 +137,12 @@ def round_stats(groups: list[dict], pairs: list[dict], task) -> dict:
     stats = {"pairs": len(pairs), "dropped": len(groups) - len(pairs)}
     if task is not None and pairs:
         texts = [c for g in groups for c in g["completions"]]
-        stats["sample_gold"] = sum(task.gold_reward([""] * len(texts), texts)) / len(texts)
-        gold_c = task.gold_reward([p["prompt"] for p in pairs], [p["chosen"] for p in pairs])
-        gold_r = task.gold_reward([p["prompt"] for p in pairs], [p["rejected"] for p in pairs])
+        rows = [g["record"] for g in groups for _ in g["completions"]]  # a verifier's gold needs the answers
+        stats["sample_gold"] = sum(task.gold_reward([""] * len(texts), texts, rows)) / len(texts)
+        by_prompt = {str(g["prompt"]): g["record"] for g in groups}
+        records = [by_prompt[str(p["prompt"])] for p in pairs]
+        gold_c = task.gold_reward([p["prompt"] for p in pairs], [p["chosen"] for p in pairs], records)
+        gold_r = task.gold_reward([p["prompt"] for p in pairs], [p["rejected"] for p in pairs], records)
         stats["label_gold_agreement"] = sum(c > r for c, r in zip(gold_c, gold_r)) / len(pairs)
     return stats
 

@@ -283,7 +283,7 @@ def rollout(cfg: PPOConfig, model, reference: ReferencePolicy, reward, tokenizer
     if scored.std is not None:
         metrics["reward_std"] = scored.std.float().mean()
     for name, component in scored.components.items():
-        if len(scored.components) > 1:
+        if len(scored.components) > 1 or name != getattr(reward, "name", None):  # not a function's own score again
             metrics[f"reward/{name}"] = component.float().mean()
     return batch, metrics, (prompts, completions)
 
