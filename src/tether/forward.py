@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from tether import data as D
+from tether.lm_head import head_logprobs, hidden_states_out, linear_head
 from tether.losses import entropy_from_logits, logprobs_from_logits, sequence_logprobs, sft_loss
 from tether.packing import (
     NO_MASK,
@@ -110,24 +111,35 @@ def token_outputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
     members = (inner.policy, inner.value) if isinstance(inner, PolicyAndValue) else (model,)
     p = plan_for(members[0], input_ids, attention_mask, prefix_lengths, padding_free, also=members[1:])
     inputs = forward_inputs(members[0], input_ids, attention_mask, p)
-    with attention_for(p, *members):
+    head = linear_head(members[0])  # set: the forward returns hidden states and the head runs in chunks (lm_head.py)
+    with attention_for(p, *members), hidden_states_out(head):
         out = model(**inputs)
-    logits, values = out if isinstance(out, tuple) else (out.logits, None)  # (N, T, V) padded, (R, W, V) packed
+    logits, values = out if isinstance(out, tuple) else (out.logits, None)  # (N, T, V|d) padded, (R, W, V|d) packed
     ids = inputs["input_ids"]
-    lp = logprobs_from_logits(logits[:, :-1], ids[:, 1:], temperature=temperature)
-    ent = None
-    if entropy:
-        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
-            ent = entropy_from_logits(logits, temperature)  # (rows, width) at the predicting position
+    lp, ent = _logprobs(logits, F.pad(ids[:, 1:], (0, 1)), head, temperature, entropy, entropy_grad)
+    lp = lp[:, :-1]  # the last position predicts nothing
     if p is None:
         return TokenOutputs(lp, None if ent is None else ent[:, :-1], None if values is None else values[:, :-1])
     lp = F.pad(lp, (1, 0))  # packed: column t holds the log-prob of token t, taken from slot t-1
     if p.jump_cols is not None:  # a response's first token after a shared prompt: predicted from the prompt's end
         flat = logits.reshape(-1, logits.shape[-1])
-        fixed = logprobs_from_logits(flat[p.jump_parents][None], ids.reshape(-1)[p.jump_cols][None], temperature)[0]
+        fixed = _logprobs(flat[p.jump_parents][None], ids.reshape(-1)[p.jump_cols][None], head, temperature)[0][0]
         lp = lp.reshape(-1).index_copy(0, p.jump_cols, fixed.to(lp.dtype)).view_as(lp)
     padded = lambda x: None if x is None else unpack(x, p)[:, :-1]  # noqa: E731  (at the predicting position)
     return TokenOutputs(unpack(lp, p, skip_first=True)[:, 1:], padded(ent), padded(values))
+
+
+def _logprobs(x: torch.Tensor, tokens: torch.Tensor, head, temperature: float, entropy: bool = False,
+              entropy_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(log-probs of `tokens`, entropy or None), (rows, width) each, from logits (head None) or from hidden states
+    through `head` in chunks (lm_head.head_logprobs: the same numbers without a (rows, width, V) tensor)."""
+    if head is not None:
+        return head_logprobs(x, head, tokens, temperature, entropy=entropy, entropy_grad=entropy_grad)
+    lp = logprobs_from_logits(x, tokens, temperature=temperature)
+    if not entropy:
+        return lp, None
+    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+        return lp, entropy_from_logits(x, temperature)
 
 
 def response_outputs(model, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int,
@@ -150,11 +162,17 @@ def sequence_logps(model, batch: dict, average: bool, padding_free: bool = True)
 
 def completion_nll(model, batch: dict, num_tokens: float, padding_free: bool = True) -> torch.Tensor:
     """Summed next-token NLL of the labelled tokens of a `data.collate_lm` batch / num_tokens (SFT, PPO-ptx)."""
+    labels = batch["labels"][:, 1:]  # (B, T-1)
     if "position_ids" in batch:  # rows packed by pack_examples: their own positions, no mask (data.model_inputs)
-        logits = model(**D.model_inputs(batch)).logits[:, :-1]  # (B, T-1, V) predicts tokens 1..T-1
-        return sft_loss(logits, batch["labels"][:, 1:], num_tokens=num_tokens)[0]
-    logprobs = token_outputs(model, batch["input_ids"], batch["attention_mask"], padding_free=padding_free).logprobs
-    return -(logprobs * (batch["labels"][:, 1:] != D.IGNORE_INDEX)).sum() / num_tokens
+        head = linear_head(model)
+        with hidden_states_out(head):
+            x = model(**D.model_inputs(batch)).logits[:, :-1]  # (B, T-1, V|d) predicts tokens 1..T-1
+        if head is None:
+            return sft_loss(x, labels, num_tokens=num_tokens)[0]
+        logprobs = head_logprobs(x, head, labels.masked_fill(labels == D.IGNORE_INDEX, 0))[0]
+    else:
+        logprobs = token_outputs(model, batch["input_ids"], batch["attention_mask"], padding_free=padding_free).logprobs
+    return -(logprobs * (labels != D.IGNORE_INDEX)).sum() / num_tokens
 
 
 def reward_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, normalize: bool = True,
