@@ -43,6 +43,7 @@ from accelerate.utils import broadcast_object_list
 from tether import rundir, trackers
 from tether.config import ConfigError, above, at_least, between, one_of, opt
 from tether.model_card import write_card
+from tether.precision import resolve_precision
 from tether.runfiles import strict_json, write_atomic
 
 log = logging.getLogger(__name__)
@@ -109,8 +110,9 @@ class CheckpointFields(Fields):
 
 @dataclass
 class ModelFields(Fields):
-    mixed_precision: str = opt("auto", "bf16 on a GPU that supports it with auto, else no",
-                               check=one_of("no", "bf16", "fp16", "auto"))
+    mixed_precision: str = opt("auto", "auto: bf16 autocast where bf16 is native (CUDA with bf16, a CPU with "
+                                       "AVX512-BF16 or AMX), else fp32; fp32 (= no), bf16, fp16",
+                               check=one_of("no", "fp32", "bf16", "fp16", "auto"))
     gradient_checkpointing: bool = opt(False, "recompute activations in the backward pass to save memory")
     padding_free: bool = opt(True, "bin-pack each micro-batch's rows into fewer rows and store a prompt shared by "
                                    "several rows once, so no forward is spent on pads (same loss: packing.py)")
@@ -231,9 +233,7 @@ class Engine:
 
     def __init__(self, cfg, command: str, accelerator: Accelerator | None = None):
         self.cfg, self.command = cfg, command
-        precision = cfg.mixed_precision
-        if precision == "auto":
-            precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+        precision = resolve_precision(cfg.mixed_precision)  # auto: bf16 only where native (precision.py)
         # cpu=True without CUDA: multi-process CPU runs (torchrun, gloo) need it to form a process group
         self.accelerator = accelerator or new_accelerator(precision)
         self.rank, self.world_size = self.accelerator.process_index, self.accelerator.num_processes
