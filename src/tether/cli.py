@@ -35,6 +35,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("tether.recipes.demo", "DemoConfig"),
     "eval": ("tether.evaluate", "EvalConfig"),
     "eval frontier": ("tether.recipes.frontier", "FrontierConfig"),
+    "eval overopt": ("tether.recipes.overopt", "OveroptConfig"),
     "loop": ("tether.feedback.loop", "LoopConfig"),
     "bench": ("tether.bench", "BenchConfig"),
 }
