@@ -136,10 +136,11 @@ def bradley_terry_loss(
     chosen_scores: Tensor,
     rejected_scores: Tensor,
     margin: Tensor | None = None,
-    label_smoothing: float = 0.0,
+    label_smoothing: float | Tensor = 0.0,
     weight: Tensor | None = None,
 ) -> tuple[Tensor, dict]:
-    """L = −(1−ε) log σ(r_w − r_l − m) − ε log σ(−(r_w − r_l − m)), weighted mean over pairs.
+    """L = −(1−ε) log σ(r_w − r_l − m) − ε log σ(−(r_w − r_l − m)), weighted mean over pairs; ε a float or a (B,)
+    tensor of per-pair values (soft labels: `soft_label_smoothing`).
 
     docs/reference.md §Reward model (Bradley-Terry, optional margin m as in Llama 2); ε is label smoothing for noisy
     raters.
@@ -154,6 +155,16 @@ def bradley_terry_loss(
     metrics = {"accuracy": (d > 0).float().mean(), "margin": d.mean(),
                "chosen": chosen_scores.detach().mean(), "rejected": rejected_scores.detach().mean()}
     return loss, metrics
+
+
+def soft_label_smoothing(prob: Tensor | None, label_smoothing: float) -> Tensor | float:
+    """Per-pair ε_i = 1 − p_i for pairs with a soft label p_i = P(chosen preferred) (AI labels, RL-CAI: Bai et al.
+    2022 §4.1), NaN marking pairs without one, which keep the run's `label_smoothing`; the plain float when no pair
+    has a soft label. With ε_i = 1 − p_i, −(1−ε)log σ(x) − ε log σ(−x) is the cross-entropy against target p_i.
+    Shapes: prob (B,) -> (B,)."""
+    if prob is None or bool(torch.isnan(prob).all()):
+        return label_smoothing
+    return torch.where(torch.isnan(prob), torch.full_like(prob, label_smoothing), 1.0 - prob)
 
 
 def ranking_loss(scores: Tensor, ranking: Tensor, valid: Tensor | None = None) -> tuple[Tensor, dict]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -87,13 +88,16 @@ def collate_completions(prompt_ids: Sequence[Sequence[int]], completion_ids: Seq
 def collate_pairs(pairs: Sequence[PairExample], pad_id: int) -> dict[str, torch.Tensor]:
     """Chosen and rejected in one batch for one forward: rows 0..B-1 prompt+chosen, rows B..2B-1 prompt+rejected.
 
-    input_ids, attention_mask, response_mask (2B, T); last_index (2B,); margin, weight (B,) float32.
+    input_ids, attention_mask, response_mask (2B, T); last_index (2B,); margin, weight, prob (B,) float32 (prob
+    NaN where a pair has no soft label).
     """
     prompts = [p.prompt_ids for p in pairs] * 2
     completions = [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs]
     batch = collate_completions(prompts, completions, pad_id)
     batch["margin"] = torch.tensor([p.margin for p in pairs], dtype=torch.float32)
     batch["weight"] = torch.tensor([p.weight for p in pairs], dtype=torch.float32)
+    batch["prob"] = torch.tensor([math.nan if getattr(p, "prob", None) is None else p.prob for p in pairs],
+                                 dtype=torch.float32)
     return batch
 
 

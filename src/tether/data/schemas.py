@@ -4,7 +4,7 @@ extract_prompt, expand_ranking.
 Beyond the field types of each kind (data/__init__.py lists them), a valid record has
 - strings that are valid Unicode: no lone surrogate ("\\ud800" in the JSON text decodes, but tokenizers crash on it);
 - pairs: `margin` finite with |margin| <= 1e4 (MAX_MARGIN), `weight` with 0 < weight <= 1e4 (MAX_WEIGHT): larger
-  values give a non-finite loss;
+  values give a non-finite loss; `prob` (a soft label, P(chosen preferred)) in [0, 1];
 - verifiable: `tests` (each item of a list, or the one string) that compiles as Python, and a string form with at
   least one statement; nothing is run here;
 - a completion given as turns (TRL's conversational format) follows a chat prompt and opens with an assistant turn;
@@ -213,6 +213,10 @@ def _check_pair(record: dict) -> None:
             raise DataError(f"must be a number > 0, got {_show(weight)}", field="weight")
         if weight > MAX_WEIGHT:
             raise DataError(f"must be a number with 0 < weight <= 1e4, got {_show(weight)}", field="weight")
+    if "prob" in record:  # an AI soft label (tether label ai): P(chosen preferred)
+        prob = record["prob"]
+        if not (_is_number(prob) and 0 <= prob <= 1):
+            raise DataError(f"must be a probability in [0, 1], got {_show(prob)}", field="prob")
     if "rater" in record:
         _text(record["rater"], "rater")
 

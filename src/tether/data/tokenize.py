@@ -43,6 +43,7 @@ class PairExample:
     rejected_ids: list[int]
     margin: float = 0.0
     weight: float = 1.0
+    prob: float | None = None  # a soft label: P(chosen preferred), trained as per-pair label smoothing 1 - prob
     prompt_truncated: bool = False
     chosen_truncated: bool = False
     rejected_truncated: bool = False
@@ -253,8 +254,9 @@ def encode_pair(tokenizer, record: dict, max_prompt_len: int | None = None,
     prompt_ids, p_cut = encode_prompt(tokenizer, prompt, max_prompt_len)
     chosen, c_cut = encode_reply(tokenizer, prompt, record["chosen"], max_completion_len, "chosen")
     rejected, r_cut = encode_reply(tokenizer, prompt, record["rejected"], max_completion_len, "rejected")
+    prob = record.get("prob")
     return PairExample(prompt_ids, chosen, rejected, float(record.get("margin", 0.0)), float(record.get("weight", 1.0)),
-                       p_cut, c_cut, r_cut)
+                       None if prob is None else float(prob), p_cut, c_cut, r_cut)
 
 
 def encode_ranking(tokenizer, record: dict, max_prompt_len: int | None = None,

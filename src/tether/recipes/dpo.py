@@ -37,7 +37,7 @@ from tether.config import ConfigError, above, at_least, between, one_of, opt
 from tether.engine import Engine, TrainConfig, steps_for
 from tether.evaluate import append_eval, held_out_eval
 from tether.forward import sequence_logps
-from tether.losses import PREFERENCE_LOSSES, rpo_nll
+from tether.losses import PREFERENCE_LOSSES, rpo_nll, soft_label_smoothing
 from tether.models import LoraSettings, load_causal_lm, load_tokenizer
 from tether.prompts import load_prompts, load_task
 from tether.reference import ReferencePolicy
@@ -123,11 +123,15 @@ def collate(examples: list, pad_id: int, paired: bool) -> dict:
     return batch
 
 
-def loss_for(spec, cfg: DPOConfig, logps: torch.Tensor, ref: tuple | None, labels=None, margin=None, weight=None):
+def loss_for(spec, cfg: DPOConfig, logps: torch.Tensor, ref: tuple | None, labels=None, margin=None, weight=None,
+             prob=None):
     """The named loss of a collated batch's log-probs (chosen rows, then rejected rows; KTO: matched rows, then the
     mismatched rows of its reference point) and the reference's (chosen, rejected) pair of (b,) tensors; a pair's
-    `margin` and `weight` fields (b,) where the data set has them (None: none)."""
+    `margin`, `weight` and `prob` fields (b,) where the data set has them (None: none; prob NaN where a pair has
+    none). A soft label p trains as per-pair label smoothing 1 − p (losses.soft_label_smoothing)."""
     hp = {h: getattr(cfg, h) for h in spec.hparams}
+    if prob is not None and spec.fn is PREFERENCE_LOSSES["dpo"].fn:
+        hp["label_smoothing"] = soft_label_smoothing(prob, hp["label_smoothing"])
     if weight is not None:
         hp["weight"] = weight
     if margin is not None:
@@ -190,7 +194,8 @@ def pairs_eval(engine, model, examples, ref, spec, cfg, pad) -> dict:
         logps = sequence_logps(model, batch, spec.logp_average, cfg.padding_free)
         ref_pair = None if ref is None else (ref[idx, 0].to(engine.device), ref[idx, 1].to(engine.device))
         loss, parts = loss_for(spec, cfg, logps, ref_pair, batch.get("label"),
-                               batch["margin"] if margined else None, batch["weight"] if weighted else None)
+                               batch["margin"] if margined else None, batch["weight"] if weighted else None,
+                               batch.get("prob"))
         n = float(sum(examples[j].weight for j in idx)) if weighted else float(len(idx))
         for key, value in {"loss": loss, **parts}.items():
             sums[key] = sums.get(key, 0.0) + float(value.float().mean()) * n
@@ -215,6 +220,10 @@ def pair_fields(spec, examples: list) -> tuple[bool, bool]:
         usable = sorted(name for name, s in PREFERENCE_LOSSES.items() if s.takes_margin)
         raise ConfigError(f"the pairs have 'margin' fields, which loss {spec.fn.__name__} cannot use; use loss="
                           f"{' | '.join(usable)}, or drop the margins")
+    if spec.paired and any(getattr(e, "prob", None) is not None for e in examples) \
+            and spec.fn is not PREFERENCE_LOSSES["dpo"].fn:
+        raise ConfigError(f"the pairs have 'prob' fields (soft labels), which loss {spec.fn.__name__} cannot use; "
+                          "use loss=dpo (a soft label p is its per-pair label smoothing 1 - p), or drop them")
     return weighted, margined
 
 
@@ -234,7 +243,8 @@ def train_step(engine, model, examples, ref, spec, cfg, pad, step: int, data_ste
         logps = sequence_logps(model, batch, spec.logp_average, cfg.padding_free)
         ref_pair = None if ref is None else (ref[idx, 0].to(engine.device), ref[idx, 1].to(engine.device))
         loss, parts = loss_for(spec, cfg, logps, ref_pair, batch.get("label"),
-                               batch["margin"] if margined else None, batch["weight"] if weighted else None)
+                               batch["margin"] if margined else None, batch["weight"] if weighted else None,
+                               batch.get("prob"))
         if cfg.rpo_alpha and spec.paired:  # RPO: + α·NLL(yw) per token (losses.rpo_nll)
             chosen, lengths = D.split_pairs(logps)[0], D.split_pairs(batch["response_mask"])[0][:, 1:].sum(-1)
             nll = rpo_nll(chosen * (lengths if spec.logp_average else 1), lengths)

@@ -50,7 +50,7 @@ from tether import data as D
 from tether.config import ConfigError, above, at_least, between, one_of, opt
 from tether.engine import SCHEDULES, Engine, TrainConfig, steps_for
 from tether.forward import reward_scores
-from tether.losses import bradley_terry_loss, ranking_loss
+from tether.losses import bradley_terry_loss, ranking_loss, soft_label_smoothing
 from tether.models import LoraSettings, load_reward_model, load_tokenizer, portable_reward_model
 from tether.recipes.reward_eval import (
     COMPARISON_KINDS,
@@ -114,7 +114,8 @@ def pairs_loss(model, batch: dict, denominator: float, label_smoothing: float = 
                            padding_free=padding_free, prefix_lengths=D.prompt_lengths(batch))  # (2B,)
     chosen, rejected = D.split_pairs(scores)  # rows 0..B-1 chosen, B..2B-1 rejected
     margin = batch["margin"] if use_margin else None
-    loss, metrics = bradley_terry_loss(chosen, rejected, margin, label_smoothing, batch["weight"])
+    eps = soft_label_smoothing(batch.get("prob"), label_smoothing)
+    loss, metrics = bradley_terry_loss(chosen, rejected, margin, eps, batch["weight"])
     return loss * batch["weight"].sum() / denominator, metrics  # weighted mean -> weighted sum / global weight
 
 
