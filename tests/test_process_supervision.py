@@ -107,3 +107,38 @@ def test_prompts_split_by_question_and_carry_operands():
     assert not {r["prompt"] for r in train} & {r["prompt"] for r in test}
     assert all(r["answer"] == sum(r["operands"]) and r["prompt"] == S.question(r["operands"]) for r in train)
     assert json.dumps(train[0])  # plain JSON records
+
+
+def test_ppo_step_rewards_by_hand():
+    from tether.recipes.ppo import step_rewards
+
+    tok = S.char_tokenizer()
+    ids = tok("1+2=3\n3+3=6").input_ids + [tok.eos_token_id, tok.pad_token_id]
+    rows = torch.tensor([ids, ids])
+    roll = Rollout(torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 1, dtype=torch.long), rows,
+                   torch.tensor([[1] * 12 + [0], [1] * 13]), torch.tensor([True, False]))
+    got = step_rewards(tok, roll, [[0.9, 0.2], [0.9, 0.2]])
+    expected = torch.zeros(2, 13)
+    expected[0, 4], expected[0, 10] = 0.9, 0.2  # each step's probability at its last token; the row without EOS: 0
+    assert torch.equal(got, expected)
+
+
+def test_ppo_with_a_prm_trains_on_step_rewards(files, monkeypatch):
+    from tether.recipes import ppo as P
+
+    seen = []
+    real = P.compute_advantages
+
+    def recording(cfg, batch, beta):
+        seen.append(None if batch.step_rewards is None else batch.step_rewards.clone())
+        return real(cfg, batch, beta)
+
+    monkeypatch.setattr(P, "compute_advantages", recording)
+    cfg = load_config(P.PPOConfig, None, {
+        "model": str(files / "policy"), "reward": f"prm:{files / 'prm'}", "prompts": str(files / "prompts.jsonl"),
+        "eval_prompts": str(files / "prompts.jsonl"), "out": str(files / "ppo"), "progress": False, "max_steps": 2, "rollout_batch": 8, "num_minibatches": 2,
+        "batch_size": 4, "max_new_tokens": 16, "n_eval_prompts": 4, "eval_samples": 1, "lr": 3e-3}, recipe="ppo")
+    summary = P.run(cfg)
+    assert len(seen) == 2 and all(s is not None and s.shape[0] == 8 for s in seen)
+    assert all(0 <= float(s.min()) and float(s.max()) <= 1 for s in seen)  # probabilities at step ends
+    assert summary["steps"] == 2

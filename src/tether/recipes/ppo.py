@@ -9,7 +9,8 @@ One step, as InstructGPT and "The N+ implementation details of RLHF with PPO" de
    first EOS; the reward source scores prompt+response, and a response without EOS gets `missing_eos_penalty` instead.
 2. one no-grad forward of the policy+value container gives old log-probs (from logits / T) and values; one of the
    reference (the frozen SFT model, or with LoRA the policy's base with adapters off) gives ref log-probs.
-3. per-token rewards r_t = −β·kl_t (k1 by default) plus the score at the last token (advantages.kl_penalized_rewards),
+3. per-token rewards r_t = −β·kl_t (k1 by default) plus the score at the last token (advantages.kl_penalized_rewards);
+   a process reward (reward=prm:DIR) puts each step's score at the token that ends the step instead (`step_rewards`),
    or β·kl in the loss instead (`kl_in_loss`); GAE (γ, λ); advantages whitened over the batch.
 4. `ppo_epochs` passes over the batch in `num_minibatches` shuffled minibatches, each accumulated over micro-batches of
    `batch_size` rows: clipped surrogate + vf_coef·clipped value loss − ent_coef·entropy (+ ptx_coef·NLL on
@@ -62,6 +63,7 @@ from tether.metrics import distinct_n, explained_variance, repetition_rate
 from tether.models import LoraSettings, load_causal_lm, load_reward_model, load_tokenizer
 from tether.prompts import load_task, train_and_held_out
 from tether.reference import ReferencePolicy
+from tether.rewards.process import scatter_step_scores, step_end_positions
 from tether.tasks import TASKS
 
 log = logging.getLogger(__name__)
@@ -204,6 +206,7 @@ class Batch:
     ref_logprobs: torch.Tensor  # (B, T)
     values: torch.Tensor  # (B, T) V(s_t), the state before response token t
     scores: torch.Tensor  # (B,) reward of each response (missing-EOS penalty applied)
+    step_rewards: torch.Tensor | None = None  # (B, T) a process reward's step scores at each step's last token
     advantages: torch.Tensor | None = None  # (B, T)
     returns: torch.Tensor | None = None  # (B, T)
 
@@ -259,6 +262,8 @@ def rollout(cfg: PPOConfig, model, reference: ReferencePolicy, reward, tokenizer
                                       cfg.padding_free).to(device).float()
     forward_seconds = time.time() - t1
     batch = Batch(sequences, attention_mask, response_mask, P, logprobs, ref_logprobs, values, scores)
+    if scored.step_scores is not None:  # a process reward (prm:DIR): rewards at the step boundaries
+        batch.step_rewards = step_rewards(tokenizer, out, scored.step_scores).to(device)
 
     kl_tokens = logprobs - ref_logprobs  # (B, T) k1
     lengths = response_mask.sum(-1)
@@ -288,11 +293,33 @@ def rollout(cfg: PPOConfig, model, reference: ReferencePolicy, reward, tokenizer
     return batch, metrics, (prompts, completions)
 
 
+def step_rewards(tokenizer, out: Rollout, step_scores: list[list[float]]) -> torch.Tensor:
+    """(B, T) step k's score at the response token where step k ends (process.step_end_positions), zero elsewhere
+    and on every row without EOS (that row keeps only the missing-EOS penalty)."""
+    ends = []
+    for i, scores in enumerate(step_scores):
+        ids = out.response_ids[i][out.response_mask[i].bool()]
+        row = step_end_positions(tokenizer, ids) if out.has_eos[i] else []
+        if out.has_eos[i] and len(row) != len(scores):
+            raise ValueError(f"row {i}: the reward scored {len(scores)} steps but the response has {len(row)}")
+        ends.append(row)
+    kept = [scores if out.has_eos[i] else [] for i, scores in enumerate(step_scores)]
+    return scatter_step_scores(kept, ends, out.response_mask.shape[1])
+
+
 def compute_advantages(cfg: PPOConfig, batch: Batch, beta: float) -> None:
-    """Per-token KL-penalised rewards -> GAE -> whitened advantages, stored on the batch (docs/reference.md §PPO)."""
+    """Per-token KL-penalised rewards -> GAE -> whitened advantages, stored on the batch (docs/reference.md §PPO).
+
+    With a process reward the sequence score is replaced by the step scores at the step boundaries (a row without
+    EOS keeps its missing-EOS penalty at its last token instead)."""
     mask = batch.response_mask
     kl = KL_ESTIMATORS[cfg.kl_estimator](batch.logprobs, batch.ref_logprobs)  # (B, T)
-    rewards = kl_penalized_rewards(batch.scores, kl, mask, 0.0 if cfg.kl_in_loss else beta)
+    terminal = batch.scores
+    if batch.step_rewards is not None:
+        terminal = torch.where(batch.step_rewards.abs().sum(-1) > 0, torch.zeros_like(batch.scores), batch.scores)
+    rewards = kl_penalized_rewards(terminal, kl, mask, 0.0 if cfg.kl_in_loss else beta)
+    if batch.step_rewards is not None:
+        rewards = rewards + batch.step_rewards
     if cfg.whiten_rewards:
         rewards = masked_whiten(rewards, mask, shift_mean=False)
     advantages, returns = gae(rewards, batch.values, mask, cfg.gamma, cfg.lam)
