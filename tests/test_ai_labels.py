@@ -125,3 +125,12 @@ def test_label_ai_end_to_end_with_a_local_judge(tmp_path, capsys):
     assert len(list(D.load_records(tmp_path / "ai2.jsonl", "pairs"))) == 3  # every pair of three responses
     assert main(["label", "ai", f"data={tmp_path / 'prefs.jsonl'}"]) == 2
     assert "label ai needs data=FILE and out=FILE" in capsys.readouterr().err
+
+
+def test_summary_reads_a_human_label_for_either_side():
+    # the human preferred b in the second pair; the judge agrees on both, so agreement is 1 in both orders' terms
+    pairs = [{"prompt": "p", "a": "x", "b": "y", "human": True}, {"prompt": "p", "a": "u", "b": "v", "human": False}]
+    out = A.label_pairs(FixedJudge([Verdict(0.8, 0.9, 0.7, "k"), Verdict(0.3, 0.4, 0.2, "k")]), pairs, "r")
+    s = A.summarise(pairs, out)
+    assert s["agreement_human"] == 1.0 and s["agreement_human_one_order"] == 1.0
+    assert [r["human_agrees"] for r in out] == [True, True]

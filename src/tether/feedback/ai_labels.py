@@ -68,8 +68,8 @@ def expected_calibration_error(probs: list[float], outcomes: list[bool], bins: i
 
 # --- reading the input -----------------------------------------------------------------------------------------------
 def read_pairs(path: str, limit: int = 0) -> list[dict]:
-    """(prompt, a, b, human) per pair: human True when the input says a is better (pairs: a = chosen), None when it
-    says nothing (candidates)."""
+    """(prompt, a, b, human) per pair: human True when the input says a is better (pairs: a = chosen; a caller may
+    swap a and b and set human False), None when the input says nothing (candidates)."""
     from tether.data import DataError, read_rows, validate_record
 
     out = []
@@ -140,9 +140,10 @@ def summarise(pairs: list[dict], records: list[dict], task=None, tau: float = 1.
                                               (r["prob_orders"] for r in records)) / len(records)
     known = [i for i, pair in enumerate(pairs) if pair["human"] is not None]
     if known:
-        summary["agreement_human"] = agreement([p_a[i] for i in known], [True] * len(known))
-        summary["agreement_human_one_order"] = agreement([first[i] for i in known], [True] * len(known))
-        summary["ece_human"] = expected_calibration_error([p_a[i] for i in known], [True] * len(known))
+        human = [pairs[i]["human"] for i in known]
+        summary["agreement_human"] = agreement([p_a[i] for i in known], human)
+        summary["agreement_human_one_order"] = agreement([first[i] for i in known], human)
+        summary["ece_human"] = expected_calibration_error([p_a[i] for i in known], human)
     if task is not None:
         prompts = [pair["prompt"] for pair in pairs]
         ga = task.gold_reward(prompts, [pair["a"] for pair in pairs])
@@ -152,7 +153,8 @@ def summarise(pairs: list[dict], records: list[dict], task=None, tau: float = 1.
         summary["agreement_gold_one_order"] = agreement([first[i] for i in decided], [ga[i] > gb[i] for i in decided])
         human = [i for i in decided if pairs[i]["human"] is not None]  # the input's labels against gold
         if human:
-            summary["human_agreement_gold"] = agreement([1.0] * len(human), [ga[i] > gb[i] for i in human])
+            summary["human_agreement_gold"] = agreement([float(pairs[i]["human"]) for i in human],
+                                                        [ga[i] > gb[i] for i in human])
         if hasattr(task, "bayes_accuracy"):  # the best any labeller can agree with raters of noise τ
             summary["bayes_ceiling"] = sum(task.bayes_accuracy(ga[i], gb[i], tau) for i in range(len(pairs))) / \
                 len(pairs)

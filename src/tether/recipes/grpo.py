@@ -18,6 +18,11 @@ One step (docs/reference.md §Group policy gradients), the shape of PPO's (rollo
 4. `ppo_epochs` passes of the clipped surrogate (clip-higher via clip_high) aggregated by `aggregation`, plus
    β·k3 KL to the reference in the loss. With β = 0 no reference model is loaded at all;
 5. metrics: kl, clipfrac and approx_kl are token means over every micro-batch of the step.
+Rollouts come through a queue (distributed/staleness.py): with `max_staleness` = 0 each step samples, then trains
+(the on-policy loop); with k > 0 a batch may come from weights k steps old, its ratio is taken against log-probs
+recomputed with the current weights and each token weighted by `off_policy_correction` (losses.OFF_POLICY_WEIGHTS).
+`backend=ray` runs this same `train` in a Ray actor with the rollout side (`RolloutSide`: the same `collect`,
+rewards and prompts) in another (distributed/ray_backend.py); weights are pushed after every optimizer step.
 The old log-probs are the sampling-time log-probs (tempered, unfiltered: exactly what a recompute gives, see
 generation.py), so no extra forward is spent on them. Losses are divided by counts over the whole step, so
 micro-batch size does not change the update.
@@ -30,12 +35,15 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import ClassVar
 
 import torch
 
 from tether.advantages import ADVANTAGE_ESTIMATORS, kl_penalized_rewards, process_advantages
 from tether.config import ConfigError, above, at_least, one_of, opt
+from tether.distributed.placement import ScaleFields
+from tether.distributed.staleness import LocalProducer, RolloutQueue
 from tether.engine import (
     SCHEDULES,
     CheckpointFields,
@@ -49,7 +57,13 @@ from tether.evaluate import evaluate_policy
 from tether.forward import response_outputs
 from tether.generation import Rollout, sample_records
 from tether.kl import kl_k3
-from tether.losses import AGGREGATIONS, masked_mean, ppo_policy_loss
+from tether.losses import (
+    AGGREGATIONS,
+    OFF_POLICY_WEIGHTS,
+    masked_mean,
+    off_policy_metrics,
+    ppo_policy_loss,
+)
 from tether.models import LoraSettings, load_causal_lm, load_tokenizer
 from tether.prompts import load_task, train_and_held_out
 from tether.reference import ReferencePolicy
@@ -62,7 +76,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class GRPOConfig(ModelFields, CheckpointFields, OptimizerFields, RunFields):
+class GRPOConfig(ScaleFields, ModelFields, CheckpointFields, OptimizerFields, RunFields):
     ALIASES: ClassVar[dict[str, str]] = {"rewards": "reward"}  # the key's old name (before `reward=` everywhere)
     model: str = opt("", "policy to train (default: the task's base model, built if missing)")
     task: str = opt("arithmetic", "embedded task giving prompts and the verifier: arithmetic | reviews | none",
@@ -229,15 +243,34 @@ def compute_advantages(cfg, estimator, scores: torch.Tensor, mask: torch.Tensor)
     return estimator.fn(scores, cfg.group_size)[:, None].expand_as(mask)
 
 
-def grpo_update(cfg, engine: Engine, model, roll: Rollout, adv: torch.Tensor, reference, step: int) -> dict:
+def off_policy(cfg, model, seq, attn, mask, plen, behaviour: torch.Tensor, lag: int):
+    """(old log-probs for the ratio, token weights or None, metrics) of a batch sampled `lag` versions ago.
+
+    On-policy (lag 0, or correction none) the sampler's log-probs are the old ones. A stale batch gets log-probs
+    recomputed with the current weights (the proximal policy of decoupled PPO) and the named correction's weights
+    of proximal against behaviour (docs/reference.md §Off-policy correction)."""
+    if lag == 0 or cfg.off_policy_correction == "none":
+        metrics = off_policy_metrics(behaviour, behaviour, mask, torch.ones_like(mask)) if cfg.max_staleness else {}
+        return behaviour, None, {k: float(v) for k, v in metrics.items()}
+    with torch.no_grad():
+        proximal = torch.cat([response_outputs(model, seq[i : i + cfg.batch_size], attn[i : i + cfg.batch_size],
+                                               plen, cfg.temperature, padding_free=cfg.padding_free).logprobs
+                              for i in range(0, len(seq), cfg.batch_size)])
+    weights = OFF_POLICY_WEIGHTS[cfg.off_policy_correction](proximal, behaviour, mask, cfg.off_policy_cap)
+    return proximal, weights, {k: float(v) for k, v in off_policy_metrics(proximal, behaviour, mask, weights).items()}
+
+
+def grpo_update(cfg, engine: Engine, model, roll: Rollout, adv: torch.Tensor, reference, step: int,
+                lag: int = 0) -> dict:
     """`ppo_epochs` passes over the step's rows in micro-batches of `batch_size`, one optimizer step per pass.
 
     Losses are divided by counts over the whole step (all ranks), so the micro-batch size does not change the
-    update; kl, clipfrac and approx_kl come back as token means over every micro-batch."""
+    update; kl, clipfrac and approx_kl come back as token means over every micro-batch. A batch sampled `lag`
+    versions ago is corrected by `off_policy`."""
     seq, attn = roll.sequences.to(engine.device), roll.attention_mask.to(engine.device)
     mask = roll.response_mask.to(engine.device).float()
-    old = roll.logprobs.to(engine.device)
     plen = roll.prompt_ids.shape[1]
+    old, weights, off = off_policy(cfg, model, seq, attn, mask, plen, roll.logprobs.to(engine.device), lag)
     ref = None if reference is None else reference.logprobs(seq, attn, plen, cfg.temperature, cfg.padding_free)
     n_rows = len(seq)
     denominator = {"token-mean": engine.all_sum(mask.sum()), "seq-mean-token-mean": engine.all_sum(n_rows),
@@ -250,7 +283,7 @@ def grpo_update(cfg, engine: Engine, model, roll: Rollout, adv: torch.Tensor, re
             logprobs = response_outputs(model, seq[sl], attn[sl], plen, cfg.temperature,
                                         padding_free=cfg.padding_free).logprobs
             loss, pg = ppo_policy_loss(logprobs, old[sl], adv[sl], mask[sl], cfg.clip_low, cfg.clip_high,
-                                       cfg.aggregation, denominator)
+                                       cfg.aggregation, denominator, None if weights is None else weights[sl])
             n = float(mask[sl].sum())
             parts = {"clipfrac": float(pg["clipfrac"]), "approx_kl": float(pg["approx_kl"])}
             if ref is not None:
@@ -263,7 +296,7 @@ def grpo_update(cfg, engine: Engine, model, roll: Rollout, adv: torch.Tensor, re
                 sums[k] = sums.get(k, 0.0) + v * n
             tokens += n
         stats = engine.optimizer_step()
-    return {**stats, **{k: v / max(tokens, 1.0) for k, v in sums.items()}}
+    return {**stats, **{k: v / max(tokens, 1.0) for k, v in sums.items()}, **off}
 
 
 def held_out_reward(model, tokenizer, rewards, records, cfg) -> float:
@@ -287,17 +320,55 @@ def greedy_accuracy(model, tokenizer, task, records, cfg) -> float:
     return result.get("accuracy", result.get("gold_mean", float("nan")))
 
 
+def prompt_pool(cfg, task, rewards) -> tuple[list[dict], list[dict]]:
+    """(training pool, held-out prompts) of the task or the prompt files."""
+    kind = "verifiable" if any(name in ("math", "code") for name, _, _ in rewards) or (
+        task is not None and getattr(task, "RECORD_KIND", "prompts") == "verifiable") else "prompts"
+    return train_and_held_out(cfg.prompts, cfg.eval_prompts, task, cfg.n_train_prompts, cfg.n_eval_prompts,
+                              cfg.seed, kind)
+
+
+def step_generator(cfg, ranks, step: int) -> torch.Generator:
+    """The sampling generator of `step` on this rank: the same wherever the rollout runs."""
+    return torch.Generator(device=ranks.device).manual_seed(cfg.seed * 1_000_003 + ranks.rank * 7919 + step)
+
+
+class RolloutSide:
+    """The rollout side of a run in another process (backend=ray): its own copy of the policy, the tokenizer, the
+    rewards and the prompt pool; `produce` is the local backend's `collect`, seeded the same way."""
+
+    def __init__(self, cfg: GRPOConfig):
+        task = load_task(cfg.task)
+        self.cfg, self.rewards = cfg, build_rewards(cfg, task)
+        self.pool, _ = prompt_pool(cfg, task, self.rewards)
+        self.tokenizer = load_tokenizer(cfg.model)
+        self.model = load_causal_lm(cfg.model, LoraSettings.from_config(cfg)).eval()
+        self.ranks = SimpleNamespace(rank=0, world_size=1, device=torch.device("cpu"))
+
+    def produce(self, step: int):
+        return collect(self.cfg, self.ranks, self.model, self.tokenizer, self.pool, self.rewards, step,
+                       step_generator(self.cfg, self.ranks, step))
+
+
 def run(cfg: GRPOConfig) -> dict:
     task = load_task(cfg.task)
     if not cfg.model:
         if task is None:
             raise ConfigError("grpo needs model=DIR or task=NAME")
         cfg.model = str(task.build_base(seed=cfg.base_seed))
-    rewards = build_rewards(cfg, task)  # a reward that cannot be called is an error before any model loads
-    kind = "verifiable" if any(name in ("math", "code") for name, _, _ in rewards) or (
-        task is not None and getattr(task, "RECORD_KIND", "prompts") == "verifiable") else "prompts"
-    pool, held = train_and_held_out(cfg.prompts, cfg.eval_prompts, task, cfg.n_train_prompts, cfg.n_eval_prompts,
-                                    cfg.seed, kind)
+    build_rewards(cfg, task)  # a reward that cannot be called is an error before any model loads or actor starts
+    if cfg.backend == "ray":  # the same `train`, in a Ray actor, with a RolloutSide in another
+        from tether.distributed.ray_backend import launch
+
+        return launch(cfg, train, RolloutSide)
+    return train(cfg)
+
+
+def train(cfg: GRPOConfig, producer=None) -> dict:
+    """The loop; `producer` gives the rollouts (default: sampled here by the policy being trained)."""
+    task = load_task(cfg.task)
+    rewards = build_rewards(cfg, task)
+    pool, held = prompt_pool(cfg, task, rewards)
     engine = Engine(cfg, "grpo")
     tokenizer = load_tokenizer(cfg.model)
     model = load_causal_lm(cfg.model, LoraSettings.from_config(cfg)).to(engine.device)
@@ -306,8 +377,13 @@ def run(cfg: GRPOConfig) -> dict:
     start, extra = engine.resume()
     policy = engine.unwrap(model)
     figure = "accuracy" if task is not None else "reward"  # a task's verifier, else the run's own reward
-    measure = (lambda: greedy_accuracy(policy, tokenizer, task, held, cfg)) if task is not None else (
-        lambda: held_out_reward(policy, tokenizer, rewards, held, cfg))
+
+    def measure() -> float:
+        with engine.full_weights():
+            if task is not None:
+                return greedy_accuracy(policy, tokenizer, task, held, cfg)
+            return held_out_reward(policy, tokenizer, rewards, held, cfg)
+
     start_value = extra[f"{figure}_start"] if f"{figure}_start" in extra else measure()  # never re-measured
     state = {f"{figure}_start": start_value}
     log.info("grpo: held-out greedy %s at start %.3f", figure, start_value)
@@ -317,10 +393,17 @@ def run(cfg: GRPOConfig) -> dict:
                                                  greedy_step_accuracy(policy, tokenizer, task, held, cfg))
     estimator = ADVANTAGE_ESTIMATORS[cfg.estimator]
     metrics: dict = {}
+    producer = producer or LocalProducer(
+        lambda s: collect(cfg, engine, policy, tokenizer, pool, rewards, s, step_generator(cfg, engine, s)))
+    queue = RolloutQueue(cfg.max_staleness, producer, end=cfg.max_steps)
+    producer.load_weights(policy, start)  # a remote engine starts from the trainer's weights (a resumed run's too)
 
     for step in range(start, cfg.max_steps):
-        generator = torch.Generator(device=engine.device).manual_seed(cfg.seed * 1_000_003 + engine.rank * 7919 + step)
-        rows, roll, scores, metrics = collect(cfg, engine, policy, tokenizer, pool, rewards, step, generator)
+        with engine.full_weights():
+            batch = queue.next(step, version=step)  # sampled now, or up to max_staleness versions ago
+        rows, roll, scores, metrics = batch.payload
+        if cfg.max_staleness:
+            metrics["version_lag"] = step - batch.version
         if roll is None:  # every group uninformative even after refills: nothing to learn this step
             engine.log(step, metrics)
             continue
@@ -331,8 +414,9 @@ def run(cfg: GRPOConfig) -> dict:
             adv = process_advantages(steps, ends, mask, cfg.group_size)
         else:
             adv = compute_advantages(cfg, estimator, scores.to(engine.device), mask)
-        metrics.update(grpo_update(cfg, engine, model, roll, adv, reference, step),
+        metrics.update(grpo_update(cfg, engine, model, roll, adv, reference, step, lag=step - batch.version),
                        length=mask.sum(1).mean().item(), eos_rate=roll.has_eos.float().mean().item())
+        producer.load_weights(policy, step + 1)  # a remote rollout engine receives them; a local one shares them
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
             metrics[figure] = measure()
         engine.log(step, metrics)
