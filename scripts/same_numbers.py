@@ -2,6 +2,7 @@
 
     python scripts/same_numbers.py                  # this working tree against HEAD
     python scripts/same_numbers.py --rev d114e5c    # against any revision (checked out into a temporary worktree)
+    python scripts/same_numbers.py --only grpo,rloo # SFT and the RM (the others start from them), then these runs
 
 For a refactor that claims "behaviour unchanged": SFT, the reward model (rankings), PPO (full and LoRA), DPO with
 RPO's term, IPO, online DPO, GRPO, RLOO with dynamic sampling and LoRA, best-of-N with a fine-tuning round, and
@@ -77,7 +78,7 @@ def numbers(out: Path) -> dict:
     return found
 
 
-def measure(src: Path, out: Path, data: Path, base: str) -> dict:
+def measure(src: Path, out: Path, data: Path, base: str, only: list[str] | None = None) -> dict:
     tether(src, ["sft", f"model={base}", f"data={data / 'sft.jsonl'}", "max_steps=4", "batch_size=8", "lr=1e-3"],
            out / "sft")
     sft = str(out / "sft" / "model")
@@ -89,7 +90,10 @@ def measure(src: Path, out: Path, data: Path, base: str) -> dict:
         env={**os.environ, "PYTHONPATH": str(src)}, capture_output=True, text=True, check=True).stdout)
     online = ["dpo", "online"] if "dpo online" in commands else ["dpo", "online=true"]  # before/after the split
     for name, args in runs(sft, rm, data, online).items():
-        tether(src, args, out / name)
+        if only is None or name in only:
+            tether(src, args, out / name)
+    if only is not None and "eval" not in only:
+        return numbers(out)
     tether(src, ["eval", f"model={out / 'dpo' / 'model'}", f"ref_model={sft}", "task=reviews", "n_prompts=6",
                  "n_samples=2", f"reward=rm:{rm}"], out / "eval")
     return numbers(out)
@@ -103,7 +107,10 @@ def same(a, b) -> bool:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rev", default="HEAD", help="the revision to compare this working tree against")
+    ap.add_argument("--only", default="", help="comma list of the runs to compare (default: all); sft and rm "
+                                               "always run")
     args = ap.parse_args(argv)
+    only = [x for x in args.only.split(",") if x] or None
     from tether.tasks import reviews
 
     base = str(reviews.build_base(seed=0))
@@ -114,10 +121,10 @@ def main(argv=None) -> int:
         subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tmp / "old"), args.rev],
                        check=True, capture_output=True)
         try:
-            old = measure(tmp / "old" / "src", tmp / "runs-old", data, base)
+            old = measure(tmp / "old" / "src", tmp / "runs-old", data, base, only)
         finally:
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tmp / "old")], check=False)
-        new = measure(ROOT / "src", tmp / "runs-new", data, base)
+        new = measure(ROOT / "src", tmp / "runs-new", data, base, only)
     differ = [k for k in sorted(set(old) | set(new)) if not same(old.get(k, "(absent)"), new.get(k, "(absent)"))]
     for key in differ:
         show = lambda v: "(text)" if isinstance(v, str) else v  # noqa: E731

@@ -98,3 +98,29 @@ def test_units_are_the_decoder_layers_and_precision_policy():
 def test_lora_with_fsdp2_is_refused_by_key(workdir):
     with pytest.raises(ConfigError, match="key 'train_shard'.*lora_r=0"):
         load_config(SFTConfig, None, common(workdir, train_shard="fsdp2", lora_r=4))
+
+
+@pytest.mark.slow  # two torchrun launches
+def test_grpo_under_fsdp2_gives_the_ddp_numbers(tmp_path):
+    """GRPO samples with the gathered weights (engine.full_weights) and trains sharded: the same scores, gradient
+    norms and KL as DDP on 2 processes (the ranks sample different prompts and stop after different lengths)."""
+    save_tiny(tmp_path / "m")
+    with open(tmp_path / "p.jsonl", "w") as f:
+        for i in range(8):
+            f.write(json.dumps({"prompt": f"the film was {i}", "answer": i}) + "\n")
+    keys = [f"model={tmp_path / 'm'}", "task=none", f"prompts={tmp_path / 'p.jsonl'}",
+            f"eval_prompts={tmp_path / 'p.jsonl'}", "reward=python:tests.test_grpo:length_reward", "max_steps=3",
+            "prompts_per_step=2", "group_size=4", "max_new_tokens=5", "batch_size=4", "progress=false", "lr=1e-2",
+            "beta=0.04"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    for shard in ("fsdp2", "ddp"):
+        subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "tether.cli",
+                        "grpo", *keys, f"train_shard={shard}", f"out={tmp_path / shard}"], check=True, env=env,
+                       timeout=400, capture_output=True)
+    rows = {s: [json.loads(x) for x in (tmp_path / s / "metrics.jsonl").read_text().splitlines()]
+            for s in ("fsdp2", "ddp")}
+    assert len(rows["fsdp2"]) == 3
+    for a, b in zip(rows["fsdp2"], rows["ddp"]):
+        for key in ("score", "grad_norm", "kl", "clipfrac"):
+            assert a[key] == pytest.approx(b[key], abs=1e-5), key
+

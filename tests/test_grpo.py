@@ -175,3 +175,16 @@ def test_a_reward_function_of_the_wrong_shape_fails_before_any_model_loads(setup
     monkeypatch.setattr(G, "load_causal_lm", lambda *a, **k: pytest.fail("no model loads for a bad reward"))
     with pytest.raises(ConfigError, match=r"reward 'python:tests.test_grpo:wrong_shape_reward' takes \(text\)"):
         G.run(cfg_for(setup, reward="python:tests.test_grpo:wrong_shape_reward"))
+
+
+def test_max_staleness_one_trains_on_batches_a_version_old_and_logs_the_correction(setup):
+    """max_staleness=1: from step 1 each batch was sampled by the weights before the last update (lag 1), is
+    corrected by TIS against recomputed log-probs, and the correction's figures are logged."""
+    G.run(cfg_for(setup, max_steps=3, max_staleness=1, off_policy_correction="tis", beta=0.0))
+    lines = [json.loads(x) for x in (setup / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["version_lag"] for x in lines] == [0, 1, 1]
+    assert lines[0]["ess_fraction"] == 1.0 and lines[0]["clipped_share"] == 0.0  # on-policy: every weight 1
+    for x in lines[1:]:  # lr 1e-2 moved the policy: the weights differ from 1 but stay capped at C = 2
+        assert 0 < x["weight_mean"] <= 2.0 and x["weight_mean"] != 1.0
+        assert 0 < x["ess_fraction"] <= 1.0 and x["behaviour_kl"] > 0
+        assert 0 <= x["clipped_share"] <= 1.0

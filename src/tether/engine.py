@@ -283,6 +283,10 @@ class Engine:
         if self.sharded:  # before the optimizer: it must hold the sharded parameters
             from tether.distributed import fsdp
 
+            if self.command not in fsdp.COMMANDS:
+                raise ConfigError(f"key 'train_shard': fsdp2 runs {', '.join(fsdp.COMMANDS)} (tested there); "
+                                  f"{self.command} trains with ddp for now")
+
             model = fsdp.shard(model, self.accelerator.mixed_precision, cfg.fsdp_cpu_offload)
         params = [p for p in model.parameters() if p.requires_grad] + list(extra_params or [])
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, eps=cfg.adam_eps, weight_decay=cfg.weight_decay,

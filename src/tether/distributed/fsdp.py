@@ -27,6 +27,7 @@ from torch.distributed.fsdp import (
 )
 
 PARAM_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+COMMANDS = ("sft", "grpo")  # the recipes whose FSDP2 runs are tested (tests/test_fsdp.py)
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import time
 from pathlib import Path
 
@@ -93,12 +94,13 @@ def free_port() -> int:
 
 
 def start_ray(cfg):
-    """Join `ray_address`, or start a local Ray whose workers see this source tree and one thread each."""
+    """Join `ray_address`, or start a local Ray whose workers import what this process imports (its sys.path: a
+    `python:module:fn` reward resolves the same there) and use one thread each."""
     import ray
 
     if not ray.is_initialized():
-        env = {"OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
-            p for p in (os.getcwd(), os.environ.get("PYTHONPATH", "")) if p)}
+        path = dict.fromkeys(p for p in (os.getcwd(), *sys.path, os.environ.get("PYTHONPATH", "")) if p)
+        env = {"OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(path)}
         ray.init(address=cfg.ray_address or None, runtime_env={"env_vars": env}, log_to_driver=False,
                  include_dashboard=False)
     return ray
