@@ -14,6 +14,9 @@ Data (`data_kind`, default auto: rankings when the first record has `completions
   forward (data.collate_pairs). Ties (chosen == rejected) are dropped and counted (InstructGPT drops ties).
 - rankings {prompt, completions, ranking}: losses.ranking_loss, the C(K,2) pairs of a prompt are ONE element weighted
   1/C(K,2), from K forward rows (data.collate_rankings) instead of C(K,2) pair forwards.
+- steps {prompt, steps, labels} (a process reward model) and unpaired {prompt, completion, label} (an outcome reward
+  model): binary classifiers read at each step's delimiter / at the EOS (rewards.prm, Lightman et al. 2023), saved
+  with reward_kind prm/orm and without reward normalisation; used as reward=prm:DIR.
 The loss of a micro-batch is its sum over elements (pairs: weight-weighted) divided by the count over the whole
 global batch (engine.all_sum), so gradient accumulation and data parallelism give exactly the global-batch mean.
 Defaults follow InstructGPT: 1 epoch, cosine decay to 10% of the peak lr.

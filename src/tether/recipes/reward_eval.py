@@ -13,6 +13,8 @@ Reports, in summary.json:
 - with `task=` (an embedded task with a gold reward): gold_agreement, the share of pairs the RM orders as the gold
   reward does (pairs with equal gold left out), and label_gold_agreement, the same share for the raters' labels;
 - bayes_accuracy from the `<data stem>.meta.json` sidecar the tasks write next to their data, when present.
+For step-labelled records (a PRM) or outcome-labelled ones (an ORM): step_accuracy, solution_accuracy (the product
+of the step probabilities, or the final one, against the solution's correctness) and loss (rewards.prm).
 
 Accuracy, loss and ECE use the raw head output (the gain/bias stored by the normalisation are undone), because the
 Bradley-Terry probability is σ of the raw difference; the length report uses normalised rewards, the scale every
