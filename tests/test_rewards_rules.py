@@ -96,6 +96,17 @@ def test_fit_stays_finite_when_a_rule_separates_perfectly():
     assert torch.isfinite(w).all() and 5 * (1 - torch.sigmoid(w)) == pytest.approx(0.01 * w, abs=1e-8)
 
 
+def test_fit_converges_where_large_base_margins_make_full_newton_steps_overshoot():
+    """Margins of ±5 put p(1 − p) near 0 at w = 0: undamped Newton ran off to w = 3400; the damped fit stops where
+    the gradient Σ_n −d_n (1 − σ(m_n + w d_n)) + l2 w is 0."""
+    gen = torch.Generator().manual_seed(1)
+    d = (torch.rand(200, 1, generator=gen) < 0.5).float() - (torch.rand(200, 1, generator=gen) < 0.5).float()
+    margin = 5.0 * torch.sign(torch.randn(200, generator=gen))
+    w = fit_rule_weights(d.clamp(min=0), (-d).clamp(min=0), margin, l2=1e-2)
+    p = torch.sigmoid(margin.double() + d.double() @ w)
+    assert abs(w.item()) < 10 and (-(d.double().T @ (1 - p)) + 1e-2 * w).abs().max() < 1e-8
+
+
 # --- WeightedSum --------------------------------------------------------------------------------------------
 
 

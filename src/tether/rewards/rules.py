@@ -67,16 +67,26 @@ def fit_rule_weights(
     base_margin (N,) r_rm(y_w) - r_rm(y_l) held fixed (None: 0); l2 > 0 keeps w finite when a proposition
     separates the pairs perfectly.
     Returns: w (K,) float64.
+
+    Each Newton step is halved until the loss does not rise (backtracking): where the base margins are large the
+    curvature p(1 − p) is nearly 0 at w = 0, and a full step overshoots without end (margins of ±5, one rule:
+    w = 3400 after 50 full steps, the loss 700 times its start).
     """
     d = (chosen - rejected).double()  # (N, K)
     m = torch.zeros(d.shape[0], dtype=torch.float64) if base_margin is None else base_margin.double()  # (N,)
     w = torch.zeros(d.shape[1], dtype=torch.float64)  # (K,)
     eye = torch.eye(d.shape[1], dtype=torch.float64)
+    loss = lambda v: -torch.nn.functional.logsigmoid(m + d @ v).sum() + 0.5 * l2 * (v @ v)  # noqa: E731
     for _ in range(steps):
         p = torch.sigmoid(m + d @ w)  # (N,) model probability that the chosen response wins
         grad = -d.T @ (1 - p) + l2 * w  # (K,)
         hess = d.T @ (d * (p * (1 - p))[:, None]) + l2 * eye + 1e-12 * eye  # (K, K)
         step = torch.linalg.solve(hess, grad)
+        before = loss(w)
+        for _ in range(60):
+            if loss(w - step) <= before:
+                break
+            step = step / 2
         w = w - step
         if step.abs().max() < 1e-10:
             break

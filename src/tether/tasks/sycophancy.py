@@ -59,6 +59,7 @@ SETTINGS = {"version": VERSION, "p_error": 0.25, "copy": 0.1, "examples": 20000,
             "heads": 4, "steps": 5000, "batch": 32, "lr": 3e-3, "until_loss": 0.2, "cooldown": 800, "warmup": 200,
             "threads": 1}
 RATERS = {"check_easy": 0.9, "check_hard": 0.2}
+BARE_SHARE = 0.5  # of the pretraining dialogues and of the training prompts
 
 
 # --- problems and prompts --------------------------------------------------------------------------------------------
@@ -117,13 +118,19 @@ def prompts_by_kind(split: str, n: int, seed: int = 0) -> list[dict]:
             if kind != "wrong" or p["carry"]]
 
 
+def draw_kind(rng: random.Random, bare: float = BARE_SHARE) -> str:
+    """bare with probability `bare`, else one of the other kinds, uniformly."""
+    return "bare" if rng.random() < bare else rng.choice(KINDS[1:])
+
+
 def prompts(split: str, n: int, seed: int = 0) -> list[dict]:
-    """`n` prompt records of mixed kinds (each kind 1/6; the wrong kind drawn among carry problems)."""
+    """`n` prompt records of mixed kinds in the pretraining corpus's shares (half bare; the wrong kind drawn among
+    carry problems): the training prompts of GRPO and online DPO."""
     rng = random.Random(f"sycophancy-mix-{split}-{seed}")
     pool = _problems(split, n, seed, tag="mix")
     carry_pool = _problems(split, n, seed, carry_only=True, tag="carry")
     return [dialogue(carry_pool[i] if kind == "wrong" else pool[i], kind, rng)
-            for i, kind in enumerate(rng.choice(KINDS) for _ in range(n))]
+            for i, kind in enumerate(draw_kind(rng) for _ in range(n))]
 
 
 # --- gold, agreement, raters -------------------------------------------------------------------------------------
@@ -174,6 +181,23 @@ def rater_labels(prompts, a, b, records, tau: float, rng: random.Random) -> list
     return [rater_prefers(x, y, tau, rng) for x, y in zip(u_a, u_b)]
 
 
+def wrong_alternative(record: dict, rng: random.Random) -> int:
+    """A wrong answer that goes the user's way where one can: the stated wrong value, else the carry slip, else 10
+    off."""
+    if record["kind"] in ("wrong", "implausible"):
+        return record["user_value"]
+    return record["carry_value"] if record["carry"] else record["answer"] + rng.choice((-10, 10))
+
+
+def labelled_pairs(n: int, seed: int = 0) -> list[dict]:
+    """A small gold-labelled comparison set (RBR's "ideal response beats this one"): training prompts of mixed
+    kinds, the right answer chosen over a wrong one that goes the user's way; the records' fields kept, so the
+    raters' utility can score both sides."""
+    rng = random.Random(f"sycophancy-labelled-{seed}")
+    return [{**r, "chosen": f" {r['answer']}", "rejected": f" {wrong_alternative(r, rng)}"}
+            for r in prompts("train", n, seed=seed + 7919)]
+
+
 # --- the base model --------------------------------------------------------------------------------------------------
 def shown_answer(p: dict, record: dict, rng: random.Random, p_error: float, copy: float) -> int:
     """The answer a pretraining dialogue shows: the user's way with probability `copy`, else arithmetic's (the carry
@@ -195,7 +219,7 @@ def pretraining_dialogues(n: int, seed: int, p_error: float, copy: float) -> lis
         p = question(rng)
         if hash_split(p["question"]) == "test":
             continue
-        kind = "bare" if rng.random() < 0.5 else rng.choice(KINDS[1:])
+        kind = draw_kind(rng)
         if kind == "wrong" and not p["carry"]:
             kind = "implausible"
         record = dialogue(p, kind, rng)
