@@ -91,3 +91,13 @@ def test_cai_end_to_end(tiny):
     assert [r["completion"] for r in revisions] == [r["rounds"][-1]["revision"] for r in rows]
     assert {"gold_round_0", "gold_round_1", "gold_round_2", "sft_train_loss"} <= set(summary)
     assert (tmp / "cai" / "sft" / "model" / "config.json").exists()
+
+
+def test_demo_cai_stages_are_wired(tmp_path):
+    from tether.recipes import demo
+
+    cfg = load_config(demo.DemoConfig, None, {"out": str(tmp_path), "stages": "cai"})
+    assert cfg.stage_list() == demo.CAI_STAGES and cfg.cai_rounds == 2 and cfg.cai_epochs == 1 and demo.CAI_STAGES[-3:] == ["cai", "rm_ai", "ppo_ai"]
+    assert demo.stage_overrides(cfg, "cai") == {"model": str(tmp_path / "sft" / "model"), "task": "reviews"}
+    assert demo.stage_overrides(cfg, "ppo_ai") == {"reward": f"rm:{tmp_path / 'rm_ai'}"}
+    assert demo.DEMO_STAGES["rm_ai"].module == "tether.recipes.reward"

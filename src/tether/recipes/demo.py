@@ -12,7 +12,9 @@ and PNGs in `out` (report.py), and a short summary in the terminal.
 
 Stages: sft, rm, ppo (the default), dpo and ipo (by name: stages=sft,rm,ppo,dpo,ipo; ipo is the dpo_* settings
 with IPO's loss, IPO_OVERRIDES) and ppo_nokl (PPO with the KL tether off, to show
-over-optimisation; selected by overopt=true or by name). ppo_nokl optimises a weak proxy, rm_small: the same reward
+over-optimisation; selected by overopt=true or by name); stages=cai runs sft, rm, ppo, then cai (SL-CAI on the SFT
+model, `tether cai`), rm_ai (the rm recipe on the reviews judge's soft labels of prefs.jsonl, `tether label ai`) and
+ppo_ai (PPO against rm_ai): RLAIF beside RLHF, each stage's summary under its name. ppo_nokl optimises a weak proxy, rm_small: the same reward
 model recipe on only the first `overopt_pairs` comparisons (Gao et al.: the fewer comparisons, the sooner the proxy
 is over-optimised). Measured: against the full RM, β = 0 reaches the gold plateau of β = 0.05 at a higher KL (gold
 1.90 at KL 7.6 vs 1.97 at KL 4.6) and does not turn down in 120 steps; against the 500-comparison proxy (held-out
@@ -32,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tether.config import at_least, one_of, opt
-from tether.recipes.pipeline import STAGES, PipelineBase, Stage, prefixed_fields, run_stage
+from tether.recipes.pipeline import STAGES, PipelineBase, Stage, prefixed_fields, run_stage, sft_model_dir
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +44,12 @@ if importlib.util.find_spec("tether.recipes.dpo") is not None:
     DEMO_STAGES["ipo"] = Stage("dpo", "tether.recipes.dpo", "DPOConfig")  # the dpo_* settings with IPO's loss
 DEMO_STAGES["rm_small"] = Stage("rm", "tether.recipes.reward", "RewardConfig")
 DEMO_STAGES["ppo_nokl"] = Stage("ppo", "tether.recipes.ppo", "PPOConfig")
+# stages=cai: SL-CAI on the SFT model, then RLAIF beside RLHF: an RM on the judge's soft labels of prefs.jsonl
+# (the 2,000 pairs the simulated raters labelled) and PPO against it (docs/ai-feedback.md)
+DEMO_STAGES["cai"] = Stage("cai", "tether.recipes.cai", "CAIConfig")
+DEMO_STAGES["rm_ai"] = Stage("rm", "tether.recipes.reward", "RewardConfig")
+DEMO_STAGES["ppo_ai"] = Stage("ppo", "tether.recipes.ppo", "PPOConfig")
+CAI_STAGES = ["sft", "rm", "ppo", "cai", "rm_ai", "ppo_ai"]  # what stages=cai runs (finished ones are skipped)
 
 # Demo defaults (measured on two CPU cores, see the PPO recipe's docstring for the PPO choices).
 DEMO_DEFAULTS = {
@@ -79,6 +87,13 @@ DEMO_DEFAULTS = {
     "dpo_max_completion_len": 64,
     "dpo_n_eval_prompts": 128,  # x 4 samples: 512 held-out samples, as for PPO
     "dpo_eval_samples": 4,
+    # SL-CAI: 256 prompts, 2 rounds, one epoch (Bai et al. 2022 §3.1: 1 epoch), the SFT stage's lengths and lr
+    "cai_n_prompts": 256,
+    "cai_rounds": 2,
+    "cai_lr": 3e-4,
+    "cai_batch_size": 32,
+    "cai_max_prompt_len": 32,
+    "cai_max_completion_len": 64,
 }
 # the ipo stage: the dpo_* settings (2 epochs, RPO's α 0.1) with IPO's loss, τ 0.25. For one epoch without the NLL
 # term τ 0.25 gave +1.09..+1.33 SFT-std over the 9 cells of the seed table but overshot to KL 8.2 on one (build 1,
@@ -109,7 +124,10 @@ class DemoBase(PipelineBase):
 
     def stage_list(self) -> list[str]:
         if self.stages.strip():
-            return super().stage_list()
+            names = super().stage_list()
+            if "cai" in names:  # SL-CAI and RLAIF beside RLHF (CAI_STAGES)
+                names = [n for n in names if n not in CAI_STAGES] + CAI_STAGES
+            return names
         return ["sft", "rm", "ppo"] + (["ppo_nokl"] if self.overopt else [])  # dpo: opt in (stages=...,dpo)
 
     @classmethod
@@ -155,7 +173,26 @@ def stage_overrides(cfg, name: str) -> dict | None:
         return IPO_OVERRIDES
     if name == "ppo_nokl":
         return {"kl_coef": 0.0, "max_steps": cfg.nokl_max_steps, "reward": f"rm:{Path(cfg.out) / 'rm_small'}"}
+    if name == "cai":
+        return {"model": sft_model_dir(cfg), "task": cfg.task}
+    if name == "rm_ai":  # the judge labels prefs.jsonl once (cached); the RM trains on its soft labels
+        return {"data": ai_labels(cfg), "eval_data": cfg.rm_eval_data}
+    if name == "ppo_ai":
+        return {"reward": f"rm:{Path(cfg.out) / 'rm_ai'}"}
     return None
+
+
+def ai_labels(cfg) -> str:
+    """out/ai_labels/ai_prefs.jsonl: the reviews judge's labels of the raters' 2,000 pairs (tether label ai)."""
+    from tether.feedback.ai_labels import AILabelConfig
+    from tether.feedback.ai_labels import run as label_ai
+
+    target = Path(cfg.out) / "ai_labels" / "ai_prefs.jsonl"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        label_ai(AILabelConfig(constitution="reviews", data=str(Path(cfg.out) / "data" / "prefs.jsonl"),
+                               out=str(target), task=cfg.task, cache=str(target.parent / "cache.sqlite")))
+    return str(target)
 
 
 def run(cfg) -> dict:
