@@ -195,3 +195,10 @@ def test_cache_is_keyed_by_backend_and_prompt(local, tmp_path):
     Counting.name = "another-model"
     J.Judge(Counting(), c, cache=tmp_path / "cache.sqlite").compare(["the film was"], ["good ."], ["bad ."])
     assert Counting.calls == 2  # the same prompt to another backend is not a cache hit
+
+
+def test_generated_text_is_cut_at_the_first_stop():
+    assert J.cut_at("it says dull . revision request : rewrite", ["revision request :", "review :"]) == "it says dull . "
+    assert J.cut_at("no stop here", ["\nHuman:"]) == "no stop here"
+    with pytest.raises(ConfigError, match="templates.stop: must be a list of non-empty strings"):
+        parse_constitution({**CONSTITUTION, "templates": {"stop": [""]}}, "c.yaml")

@@ -67,7 +67,7 @@ def revise_rounds(judge, constitution, prompts: list[str], responses: list[str],
     if not usable:
         raise ConfigError(f"{constitution.source}: no principle has the critique and revision wording SL-CAI needs")
     history = [[] for _ in prompts]
-    current = list(responses)
+    current, stop = list(responses), constitution.templates["stop"]
     for _ in range(rounds):
         picked = [rng.choices(usable, weights=[p.weight for p in usable])[0] for _ in prompts]
         if direct:
@@ -75,9 +75,9 @@ def revise_rounds(judge, constitution, prompts: list[str], responses: list[str],
             critiques = [None] * len(prompts)
         else:
             contexts = [constitution.critique_prompt(p, r, q) for p, r, q in zip(prompts, current, picked)]
-            critiques = [c.strip() for c in judge.generate(contexts, max_new_tokens)]
+            critiques = [c.strip() for c in judge.generate(contexts, max_new_tokens, stop=stop)]
             asks = [constitution.revision_prompt(x, c, q) for x, c, q in zip(contexts, critiques, picked)]
-        revisions = [strip_prompt(r, p) for r, p in zip(judge.generate(asks, max_new_tokens), prompts)]
+        revisions = [strip_prompt(r, p) for r, p in zip(judge.generate(asks, max_new_tokens, stop=stop), prompts)]
         current = [r or old for r, old in zip(revisions, current)]  # an empty revision keeps the response
         for h, q, c, r in zip(history, picked, critiques, current):
             h.append({"principle": q.name, "critique": c, "revision": r})

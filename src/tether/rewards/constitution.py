@@ -24,7 +24,8 @@ hhh.yaml):
 
 Template fields: comparison {few_shot} {prompt} {a} {b} {question}; score {few_shot} {prompt} {response}
 {question}; critique {few_shot} {prompt} {response} {request}; revision {context} {critique} {request};
-revision_direct {few_shot} {prompt} {response} {request}; cot {question_prompt}; cot_answer {rationale}.
+revision_direct {few_shot} {prompt} {response} {request}; cot {question_prompt}; cot_answer {rationale}; `stop`: the
+strings at which a generated critique or revision is cut.
 Errors name the file and the key (`principles[2].weight: must be a number > 0`).
 """
 
@@ -63,6 +64,7 @@ DEFAULT_TEMPLATES = {  # the RL-CAI wording (Bai et al. 2022, §4.1) and SL-CAI'
     "revision_direct": "{few_shot}Human: {prompt}\nAssistant: {response}\nRevision Request: {request}\nRevision:",
     "cot": "{question_prompt} Let's think step by step:",
     "cot_answer": " {rationale}\nSo the answer is:",
+    "stop": ["\nCritique Request:", "\nRevision Request:", "\nHuman:"],  # where a critique or revision ends
 }
 JUDGE_KEYS = {"model", "base_url", "api", "api_key_env", "concurrency", "retries", "timeout", "cache", "device",
               "batch_size", "max_new_tokens"}
@@ -173,6 +175,8 @@ def _templates(raw, source: str) -> dict:
             text.format(**{f: "x" for f in fields})
         except (KeyError, IndexError, ValueError) as e:
             _fail(source, f"templates.{key}", f"bad placeholder {e}; it may use {{{'}, {'.join(sorted(fields))}}}")
+    if not isinstance(templates["stop"], list) or not all(isinstance(s, str) and s for s in templates["stop"]):
+        _fail(source, "templates.stop", "must be a list of non-empty strings")
     for key, n in (("options", 2), ("score_options", 2)):
         opts = templates[key]
         if not isinstance(opts, list) or len(opts) < n or not all(isinstance(o, str) and o.strip() for o in opts) \

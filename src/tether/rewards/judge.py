@@ -93,6 +93,12 @@ def weighted_mean(values: Sequence[float], weights: Sequence[float]) -> float:
     return sum(w * x for w, x in zip(weights, values)) / sum(weights)
 
 
+def cut_at(text: str, stops: Sequence[str]) -> str:
+    """The text before the first occurrence of any stop string (a critique ends where the revision request starts)."""
+    cuts = [text.find(s) for s in stops if s and s in text]
+    return text[:min(cuts)] if cuts else text
+
+
 def hard_choice(text: str, options: Sequence[str]) -> int | None:
     """The option a generated answer names: the earliest-starting stripped option string in the text (None: none)."""
     found = [(text.find(o.strip()), -len(o.strip()), i) for i, o in enumerate(options) if o.strip() in text]
@@ -334,7 +340,9 @@ class Judge:
                 self.cache.put_many(new)
         return [found[k] for k in keys]
 
-    def generate(self, contexts: list[str], max_new_tokens: int | None = None, temperature: float = 0.0) -> list[str]:
+    def generate(self, contexts: list[str], max_new_tokens: int | None = None, temperature: float = 0.0,
+                 stop: Sequence[str] = ()) -> list[str]:
+        """Generated texts (greedy by default; temperature 0 calls are cached), each cut at its first `stop` string."""
         n = max_new_tokens or self.max_new_tokens
         keys = [JudgeCache.key(self.backend.name, "generate", c, n, temperature, self.seed) for c in contexts]
         found = {k: self.cache.get(k) for k in keys} if self.cache and temperature == 0 else {}
@@ -344,7 +352,7 @@ class Judge:
             found.update({keys[i]: g for i, g in zip(missing, got)})
             if self.cache and temperature == 0:
                 self.cache.put_many({keys[i]: g for i, g in zip(missing, got)})
-        return [found[k] for k in keys]
+        return [cut_at(found[k], stop) for k in keys]
 
     def _option_probs(self, contexts: list[str], options: list[str]) -> list[tuple[list[float], bool]]:
         """(probabilities of the options, hard) per context; a backend without log-probs is asked for text."""
