@@ -36,8 +36,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("tether.evaluate", "EvalConfig"),
     "eval frontier": ("tether.recipes.frontier", "FrontierConfig"),
     "eval overopt": ("tether.recipes.overopt", "OveroptConfig"),
+    "eval sycophancy": ("tether.evaluate_sycophancy", "SycophancyEvalConfig"),
+    "rules fit": ("tether.recipes.rules_fit", "RulesFitConfig"),
+    "demo sycophancy": ("tether.recipes.sycophancy_demo", "SycophancyDemoConfig"),
     "loop": ("tether.feedback.loop", "LoopConfig"),
     "bench": ("tether.bench", "BenchConfig"),
+    "serve": ("tether.serve", "ServeConfig"),
+    "label ai": ("tether.feedback.ai_labels", "AILabelConfig"),
+    "cai": ("tether.recipes.cai", "CAIConfig"),
 }
 
 HELP = {
@@ -53,6 +59,9 @@ HELP = {
     "label": "collect human comparisons: sample, serve, add-rater, export",
     "loop": "rounds of sample -> label -> reward model -> PPO",
     "bench": "side-by-side throughput benchmarks",
+    "rules": "rules fit FILE.yaml data=pairs.jsonl: Bradley-Terry weights of a rules file (reward=rules:FILE)",
+    "serve": "an OpenAI-compatible server for a model directory (completions, chat, /score)",
+    "cai": "Constitutional AI's SL stage: critique -> revision rounds -> SFT on the revisions",
 }
 
 
@@ -105,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
 
         print(__version__)
         return 0
-    if argv[0] == "label":
+    if argv[0] == "label" and argv[1:2] != ["ai"]:  # `label ai` takes key=value like the recipes
         return _label(argv[1:])
     command, rest = _resolve(argv)
     parser = argparse.ArgumentParser(prog=f"tether {command}", add_help=False)
@@ -113,6 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-h", "--help", action="store_true")
     args, overrides = parser.parse_known_args(rest)
     module, cls = _load(command)
+    positional = getattr(cls, "POSITIONAL", None)  # `tether rules fit FILE` reads as rules=FILE
+    if positional and overrides and "=" not in overrides[0] and not overrides[0].startswith("-"):
+        overrides = [f"{positional}={overrides[0]}", *overrides[1:]]
     if args.help:
         print(f"usage: tether {command} [--config FILE.yaml] [key=value ...]\n\n{HELP.get(command.split()[0], '')}\n")
         print("keys:\n" + describe(cls))

@@ -2,11 +2,13 @@
 
     reward_from_spec("rm:runs/rm")                         # a learned reward model or ensemble (LearnedReward)
     reward_from_spec("prm:runs/prm")                       # a process reward model (rewards.prm.PRMReward)
+    reward_from_spec("judge:constitution.yaml")            # direct RLAIF: an AI judge scores 1-10 (JudgeReward)
     reward_from_spec("python:my_rewards:brevity")          # f(prompts, completions, records) -> list[float]
     reward_from_spec("python:trl_rewards:accuracy")        # TRL's f(completions, **columns) works as it is
     reward_from_spec("python:path/to/rewards.py:brevity")  # the same, from a file
     reward_from_spec("arithmetic")                         # a built-in: a task's gold reward or a verifier (BUILTINS)
     reward_from_spec("rm:runs/rm*1.0+format*0.5")          # weighted sum (rewards.WeightedSum), each part logged
+    reward_from_spec("rm:runs/rm+rules:rules.yaml")        # R_rm + Σ w_i φ_i from a rules file (rules_file.py)
 
 Grammar: spec = term ("+" term)*, term = source ["*" weight], weight a number (negative allowed: "format*-0.5").
 Terms split at a "+" followed by a letter, so a weight such as 1e+3 stays whole (a path with "+<letter>" in it cannot
@@ -35,7 +37,7 @@ BUILTINS = {
     "format_lenient": "tether.rewards.format:think_answer_format_lenient",
 }
 
-_FORMS = "rm:DIR, prm:DIR, python:MODULE:FUNCTION, python:FILE.py:FUNCTION or a built-in (" + ", ".join(BUILTINS) + ")"
+_FORMS = "rm:DIR, prm:DIR, rules:FILE.yaml, judge:FILE.yaml, python:MODULE:FUNCTION, python:FILE.py:FUNCTION or a built-in (" + ", ".join(BUILTINS) + ")"
 
 
 def parse_spec(spec: str) -> list[tuple[str, float]]:
@@ -88,6 +90,14 @@ def source_from_term(term: str, **rm_kwargs) -> RewardSource:
         from tether.rewards.prm import PRMReward
 
         return PRMReward(term[4:], **{k: v for k, v in rm_kwargs.items() if k in ("batch_size", "device", "dtype")})
+    if term.startswith("rules:"):  # a rules file: Σ_i w_i φ_i, each proposition a component
+        from tether.rewards.rules_file import rules_reward
+
+        return rules_reward(term[len("rules:"):])
+    if term.startswith("judge:"):  # direct RLAIF: the constitution's judge scores 1-10, rescaled; no reward model
+        from tether.rewards.judge import JudgeReward
+
+        return JudgeReward(term[len("judge:"):], device=rm_kwargs.get("device"))
     if term.startswith("python:"):
         fn = load_function(term[len("python:"):])
     elif term in BUILTINS:

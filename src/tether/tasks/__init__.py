@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import importlib
 
-TASKS = {"reviews": "tether.tasks.reviews", "arithmetic": "tether.tasks.arithmetic", "steps": "tether.tasks.steps"}
+TASKS = {"reviews": "tether.tasks.reviews", "arithmetic": "tether.tasks.arithmetic", "steps": "tether.tasks.steps",
+         "sycophancy": "tether.tasks.sycophancy"}
 
 
 def get_task(name: str):
