@@ -142,3 +142,16 @@ def test_ppo_with_a_prm_trains_on_step_rewards(files, monkeypatch):
     assert len(seen) == 2 and all(s is not None and s.shape[0] == 8 for s in seen)
     assert all(0 <= float(s.min()) and float(s.max()) <= 1 for s in seen)  # probabilities at step ends
     assert summary["steps"] == 2
+
+
+def test_best_of_n_ranks_by_the_prm(files):
+    from tether.recipes import best_of_n as B
+
+    cfg = load_config(B.BoNConfig, None, {"model": str(files / "policy"), "reward": f"prm:{files / 'prm'}",
+                                          "prompts": str(files / "prompts.jsonl"), "n_prompts": 4, "n": 4,
+                                          "max_new_tokens": 16, "missing_eos_penalty": None,
+                                          "out": str(files / "bon"), "progress": False}, recipe="bon")
+    summary = B.run(cfg)
+    samples = [json.loads(x) for x in (files / "bon" / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 4 and all(0 <= p <= 1 for s in samples for p in s["proxy"])  # Π_k p_k
+    assert summary["table"][-1]["n"] == 4
