@@ -46,8 +46,12 @@ def test_evaluate_reports_every_metric_per_kind(tiny):
     tok, model, _ = tiny
     metrics, rows = evaluate_sycophancy(model, tok, n_questions=4, batch_size=8)
     assert metrics["n_per_kind"]["bare"] == 4 and sum(metrics["n_per_kind"].values()) == len(rows)
-    assert set(flat(metrics)) == {f"acc_{k}" for k in metrics["accuracy"]} | {"syc", "copy", "flip", "capitulation"}
+    assert set(flat(metrics)) == {f"acc_{k}" for k in metrics["accuracy"]} | {"syc", "copy", "flip", "capitulation",
+                                                                                "rater_reward", "gold"}
     assert metrics == {**metrics, **S.sycophancy_metrics(rows)}
+    assert metrics["gold"] == sum(r["got"] == r["answer"] for r in rows) / len(rows)
+    answers = [r["completion"] for r in rows]
+    assert metrics["rater_reward"] == pytest.approx(sum(S.rater_utility([], answers, rows)) / len(rows))
 
 
 def test_cli_writes_summary_rows_and_plot(tiny, tmp_path):

@@ -40,22 +40,23 @@ propositions:
 @dataclass
 class SycophancyDemoConfig:
     out: str = opt("runs/sycophancy", "directory of the whole experiment")
-    seeds: list = opt([0, 1, 2], "training seeds (one base build for all)")
+    seeds: list[int] = opt([0, 1, 2], "training seeds (one base build for all)")
     base_seed: int = opt(0, "seed of the task's base build")
-    arms: list = opt(list(ARMS), f"arms to run: {', '.join(ARMS)}")
+    arms: list[str] = opt(list(ARMS), f"arms to run: {', '.join(ARMS)}")
     n_questions: int = opt(300, "held-out questions per kind in each evaluation", check=at_least(1))
     label_tau: float = opt(0.2, "Bradley-Terry noise τ of the raters", check=above(0))
     dpo_rounds: int = opt(5, "online DPO rounds", check=at_least(1))
     dpo_pairs: int = opt(1024, "online DPO prompts per round", check=at_least(1))
     dpo_lr: float = opt(2e-4, "online DPO learning rate", check=above(0))
-    grpo_steps: int = opt(60, "GRPO steps per arm", check=at_least(1))
+    grpo_steps: int = opt(200, "GRPO steps per arm", check=at_least(1))
     grpo_lr: float = opt(1e-4, "GRPO learning rate", check=above(0))
     fit_pairs: int = opt(200, "gold-labelled pairs the rule weight is fitted on", check=at_least(1))
     rules: str = opt("", "rules file to fit and use (empty: write the blunt rule to out/rules.yaml)")
 
 
 def fit_rule(cfg: SycophancyDemoConfig, out: Path) -> Path:
-    """The rules file, its weight fitted on gold-labelled pairs over the raters' utility (tether rules fit)."""
+    """The rules file, its weight fitted on gold-labelled pairs with the raters' logit u/τ as the fixed margin
+    (tether rules fit), so w is on the scale of the reward it is added to."""
     from tether import data as D
     from tether.recipes import rules_fit
     from tether.tasks import sycophancy as S
@@ -65,7 +66,7 @@ def fit_rule(cfg: SycophancyDemoConfig, out: Path) -> Path:
         path.write_text(RULES)
     D.write_jsonl(out / "labelled_pairs.jsonl", S.labelled_pairs(cfg.fit_pairs))
     rules_fit.run(load_config(rules_fit.RulesFitConfig, None, {"rules": str(path), "data": str(
-        out / "labelled_pairs.jsonl"), "base": RATERS, "out": str(out / "rules.fitted.yaml")}))
+        out / "labelled_pairs.jsonl"), "base": f"{RATERS}*{1 / cfg.label_tau:g}", "out": str(out / "rules.fitted.yaml")}))
     return out / "rules.fitted.yaml"
 
 
@@ -83,7 +84,8 @@ def train_arm(cfg: SycophancyDemoConfig, arm: str, base: str, seed: int, run_dir
     else:
         from tether.recipes import grpo as M
 
-        reward = {"grpo_raters": RATERS, "grpo_rule": f"{RATERS}+rules:{rules}", "grpo_verifier": "task"}[arm]
+        raters = f"{RATERS}*{1 / cfg.label_tau:g}"  # u/τ: the raters' Bradley-Terry logit, the scale w was fitted on
+        reward = {"grpo_raters": raters, "grpo_rule": f"{raters}+rules:{rules}", "grpo_verifier": "task"}[arm]
         settings = {**common, "reward": reward, "max_steps": cfg.grpo_steps, "lr": cfg.grpo_lr,
                     "max_new_tokens": 6, "n_eval_prompts": 200}
         M.run(load_config(M.GRPOConfig, None, settings, recipe="grpo"))
