@@ -49,10 +49,24 @@ def test_tokens_per_step_and_table():
     assert [V.tokens_per_step(k, s) for k in V.STAGES] == [768, 1536, 1536, 1536]
     text = V.table({"dpo": {"tether": [300.0, 500.0, 400.0], "trl": [100.0, 200.0, 250.0]},
                     "sft": {"tether": [130.0], "trl": [100.0]}}, s)
-    assert "| dpo | 400 | 200 | 2.00x | >= 2.0x (met) | 300, 500, 400; 100, 200, 250 |" in text
-    assert "| sft | 130 | 100 | 1.30x | >= 1.3x (met) |" in text
-    low = V.table({"grpo": {"tether": [290.0], "trl": [100.0], "trl-defaults": [50.0]}}, s)
-    assert "| grpo | 290 | 100 | 2.90x | >= 3.0x (not met) | 50 | 5.80x | 290; 100; 50 |" in low
+    assert "| dpo | 400 (300-500) | 200 (100-250) | 2.00x |" in text  # the control only: no target column
+    assert "| sft | 130 (130-130) | 100 (100-100) | 1.30x |" in text and "target" not in text
+    # the headline: tether 290 over TRL-with-defaults 100 = 2.9x >= 2.0 (met); the control 290 / 58 = 5.00x
+    both = V.table({"grpo": {"tether": [290.0, 280.0, 300.0], "trl-defaults": [100.0, 90.0, 120.0],
+                             "trl": [58.0, 50.0, 60.0]}}, s)
+    assert "| grpo | 290 (280-300) | 100 (90-120) | 2.90x | >= 2.0x (met) | 58 (50-60) | 5.00x |" in both
+    low = V.table({"sft": {"tether": [140.0], "trl-defaults": [100.0]}}, s)
+    assert "| sft | 140 (140-140) | 100 (100-100) | 1.40x | >= 1.5x (not met) |" in low
+
+
+def test_vocab_memory_table_is_the_ratio_of_what_training_added():
+    import vocab_memory as M  # benchmarks/vocab_memory.py
+
+    found = {"dpo": {"tether": {"peak_mb": 900.0, "added_mb": 400.0},
+                     "trl-defaults": {"peak_mb": 1700.0, "added_mb": 1200.0},
+                     "trl": {"peak_mb": 2100.0, "added_mb": 1600.0}}}
+    # 400 / 1200 = 0.33x, 400 / 1600 = 0.25x
+    assert "| dpo | 900 (400) | 1,700 (1,200) | 2,100 (1,600) | 0.33x | 0.25x |" in M.table(found)
 
 
 def test_benchmark_tokenizer_is_one_token_per_word_and_grpo_eos_is_outside_the_vocabulary():
@@ -82,11 +96,20 @@ def test_gpu_script_full_smoke():
 @pytest.mark.slow
 def test_vs_trl_smoke():
     pytest.importorskip("trl")
-    out = subprocess.run([sys.executable, str(BENCH / "vs_trl.py"), "--smoke", "--no-append", "--no-trl-defaults"],
-                         capture_output=True, text=True, timeout=600)
+    out = subprocess.run([sys.executable, str(BENCH / "vs_trl.py"), "--smoke", "--no-append", "--no-trl-defaults",
+                          "--no-memory"], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     for stage in V.STAGES:
         assert f"| {stage} |" in out.stdout
+
+
+@pytest.mark.slow
+def test_vocab_memory_smoke():
+    pytest.importorskip("trl")
+    out = subprocess.run([sys.executable, str(BENCH / "vocab_memory.py"), "--smoke", "--libs", "tether,trl"],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "| dpo |" in out.stdout and "| grpo |" in out.stdout and "vocabulary 2,048" in out.stdout
 
 
 def test_packing_script_measures_the_run_cost():
