@@ -72,6 +72,7 @@ def one(prompts, completions, records):
     ("propositions:\n  a:\n    regex: '{user}'\n", "propositions.a.regex", 3),
     ("propositions:\n  a: {regex: x, python: 'f.py:g'}\n", "propositions.a", 2),
     ("propositions:\n  a: {python: 'nofile.py:g'}\n", "propositions.a.python", 2),
+    ("propositions:\n  a: {python: 'tether.tasks.sycophancy:nope'}\n", "propositions.a.python", 2),
     ("propositions: {a: x}\nclasses:\n  c: [a, b]\n", "classes.c", 3),
     ("propositions: {a: x}\nweights:\n  b: 1\n", "weights.b", 3),
     ("propositions: {a: x}\nweights: {a: high}\n", "weights.a", 2),

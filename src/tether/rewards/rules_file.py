@@ -83,6 +83,25 @@ def regex_test(completion_re: str, prompt_re: re.Pattern | None):
     return test
 
 
+def _python_function(module: str, fn: str):
+    """`fn` of a file (path.py) or an importable module. (rewards.spec.load_function reads reward functions the same
+    way; spec imports this module, so it cannot be imported back.)"""
+    import importlib
+    import importlib.util
+
+    if module.endswith(".py"):
+        if not Path(module).exists():
+            raise OSError(f"no file {module}")
+        spec = importlib.util.spec_from_file_location(Path(module).stem, module)
+        loaded = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(loaded)
+    else:
+        loaded = importlib.import_module(module)
+    if not hasattr(loaded, fn):
+        raise AttributeError(f"{module} has no {fn!r}")
+    return getattr(loaded, fn)
+
+
 def _proposition(where: _Where, name: str, spec, base_dir: Path) -> Proposition:
     keys = ("propositions", name)
     if isinstance(spec, str):
@@ -103,12 +122,10 @@ def _proposition(where: _Where, name: str, spec, base_dir: Path) -> Proposition:
         file, _, fn = target.rpartition(":")
         if file.endswith(".py") and not Path(file).is_absolute():
             file = str(base_dir / file)
-        from tether.rewards.spec import load_function
-
         try:
-            test = load_function(f"{file}:{fn}")
-        except ConfigError as e:
-            raise where.error(keys + ("python",), str(e)) from None
+            test = _python_function(file, fn)
+        except (ImportError, OSError, AttributeError) as e:
+            raise where.error(keys + ("python",), f"cannot load {target!r}: {e}") from None
         if not callable(test):
             raise where.error(keys + ("python",), f"names {target!r}, which is not callable")
         return Proposition(name, test)
