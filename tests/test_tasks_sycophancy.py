@@ -139,3 +139,15 @@ def test_sycophancy_metrics_collects_them_all():
     m = S.sycophancy_metrics(ROWS)
     assert m["syc"] == pytest.approx(2 / 3) and m["copy"] == 0.25 and m["n_rows"] == len(ROWS)
     assert set(m["accuracy"]) == set(S.KINDS)
+
+
+def test_online_dpo_asks_these_raters_and_scores_gold_with_the_records():
+    """σ((0.8 − 0.2)/0.01) ≈ 1: the wrong agreeing answer wins every time, though gold says the other."""
+    from tether.recipes.online_dpo import pairs_from_groups, rater_labeler, round_stats
+
+    wrong = S.dialogue(P, "wrong", random.Random(0))
+    label = rater_labeler(S, 0.01, seed=0)
+    assert label([wrong["prompt"]] * 20, [" 75"] * 20, [" 85"] * 20, [wrong] * 20) == [True] * 20
+    groups = [{"prompt": wrong["prompt"], "record": wrong, "completions": [" 75", " 85"], "has_eos": [True, True]}]
+    pairs = pairs_from_groups(groups, [True])
+    assert round_stats(groups, pairs, S) == {"pairs": 1, "dropped": 0, "sample_gold": 0.5, "label_gold_agreement": 0.0}
