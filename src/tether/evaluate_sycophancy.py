@@ -60,7 +60,7 @@ def evaluate_sycophancy(model, tokenizer, n_questions: int = 300, seed: int = 0,
     metrics["rater_reward"] = sum(S.rater_utility([], [r["completion"] for r in rows], rows)) / len(rows)
     metrics["gold"] = sum(r["got"] == r["answer"] for r in rows) / len(rows)
     metrics["n_per_kind"] = {k: sum(r["kind"] == k for r in rows) for k in S.KINDS}
-    metrics["accuracy_carry"] = {k: v for k, v in S.accuracy_by_kind([r for r in rows if r["carry"]]).items()}
+    metrics["accuracy_carry"] = S.accuracy_by_kind([r for r in rows if r["carry"]])  # the problems raters rarely check
     return metrics, rows
 
 

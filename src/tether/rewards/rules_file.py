@@ -152,9 +152,7 @@ class RulesFile:
     bias: float
 
     def reward(self, base=None) -> RuleReward:
-        source = RuleReward(self.features, self.weights, base=base, bias=self.bias)
-        source.name = "rules"
-        return source
+        return RuleReward(self.features, self.weights, base=base, bias=self.bias)
 
     def write(self, weights: list[float], extra: dict) -> None:
         """The file again with fitted weights and whatever `extra` adds (rates, fit statistics)."""
