@@ -156,3 +156,24 @@ def test_heads_that_are_not_a_plain_projection_take_the_plain_path(tiny):
     with H.hidden_states_out(tiny.lm_head):
         assert tiny.lm_head(torch.ones(1, 32)).shape == (1, 32)
     assert tiny.lm_head(torch.ones(1, 32)).shape == (1, tiny.config.vocab_size)  # restored
+
+
+def test_lora_policy_and_its_adapters_off_reference_take_the_chunked_head(monkeypatch):
+    """Under peft (all-linear LoRA leaves the output layer alone) the chunked head serves the policy and the
+    reference with adapters off, and gives the plain path's log-probs for both."""
+    from peft import LoraConfig, get_peft_model
+
+    from tether.wrappers import AdaptersOff
+
+    model = get_peft_model(tiny_causal_lm(tiny_tokenizer(), seed=4), LoraConfig(r=4, target_modules="all-linear",
+                                                                                init_lora_weights=False))
+    assert H.linear_head(model) is model.get_base_model().lm_head
+    ids = torch.randint(3, 60, (2, 7), generator=torch.Generator().manual_seed(6))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        chunked = [FW.token_outputs(m, ids, mask).logprobs for m in (model, AdaptersOff(model))]
+        _plain(monkeypatch)
+        plain = [FW.token_outputs(m, ids, mask).logprobs for m in (model, AdaptersOff(model))]
+    assert not torch.allclose(plain[0], plain[1])  # the adapters change the policy: two different models
+    for a, b in zip(chunked, plain):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
