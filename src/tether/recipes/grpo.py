@@ -150,6 +150,9 @@ def score_with_steps(rewards, prompts, completions, records):
         s = out.scores.float().cpu()
         total += weight * s
         parts[f"reward/{name}"] = s.mean().item()
+        for sub, values in out.components.items():  # a sum's parts, a rules file's propositions
+            if sub != source.name:  # a function repeats its own score under its name
+                parts[f"reward/{name}/{sub}"] = values.float().mean().item()
         if out.step_scores is not None:
             if len(rewards) > 1:
                 raise ConfigError(f"reward {name!r} scores steps: process supervision takes it as the only reward")
