@@ -150,7 +150,7 @@ REQUIRED = {SFT: ["model=m", "data=d.jsonl"], RM: ["model=m", "data=d.jsonl"], R
     (SFT, "lora_r=-2", "key 'lora_r' must be >= 0, got -2"),  # engine's ModelFields
     (RM, "label_smoothing=0.7", "key 'label_smoothing' must be in [0, 0.5), got 0.7"),
     (RM, "ensemble=0", "key 'ensemble' must be >= 1, got 0"),
-    (RM, "data_kind=triples", "key 'data_kind' must be one of auto | pairs | rankings, got 'triples'"),
+    (RM, "data_kind=triples", "key 'data_kind' must be one of auto | pairs | rankings | steps | unpaired, got 'triples'"),
     (RM, "min_lr_ratio=1.5", "key 'min_lr_ratio' must be in [0, 1], got 1.5"),
     (RM, "lr_schedule=step", "key 'lr_schedule' must be one of constant | linear | cosine, got 'step'"),
     (RM, "task=chess", "key 'task' must be one of"),
@@ -246,8 +246,11 @@ def test_choices_spelled_out_match_the_tables_defined_below_their_config():
         assert all(check.ok(k) for k in table) and check.text == "one of " + " | ".join(sorted(table)), key
 
 
-def test_trl_key_names_are_read_as_tethers_and_noted_once(capsys):
+def test_trl_key_names_are_read_as_tethers_and_noted_once(capsys, monkeypatch):
+    from tether import config
     from tether.recipes.dpo import DPOConfig
+
+    monkeypatch.setattr(config, "_NOTED", set())  # as in a fresh process, whatever ran before in this one
 
     cfg = load_config(DPOConfig, None, ["model_name_or_path=m", "data=d.jsonl", "learning_rate=3e-6",
                                         "per_device_train_batch_size=4", "gradient_accumulation_steps=2",
