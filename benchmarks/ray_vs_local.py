@@ -21,11 +21,11 @@ from pathlib import Path
 CELLS = {"local": {}, "ray": {"backend": "ray"}, "ray_stale1": {"backend": "ray", "max_staleness": 1}}
 
 
-def run_cell(name: str, seed: int, steps: int, root: Path, extra: dict) -> dict:
+def run_cell(name: str, seed: int, steps: int, root: Path, extra: dict, task: str = "arithmetic") -> dict:
     from tether.config import load_config
     from tether.recipes import grpo as G
 
-    keys = {"task": "arithmetic", "seed": seed, "max_steps": steps, "progress": False, "out": str(root / f"{name}-{seed}"),
+    keys = {"task": task, "seed": seed, "max_steps": steps, "progress": False, "out": str(root / f"{name}-{seed}"),
             "overwrite": True, **CELLS[name], **extra}
     t0 = time.time()
     summary = G.run(load_config(G.GRPOConfig, None, keys))
@@ -44,11 +44,13 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--out", default="runs/ray_vs_local")
+    ap.add_argument("--task", default="arithmetic", help="the embedded task (its held-out figure: exact match or gold)")
+    ap.add_argument("--eval-prompts", type=int, default=200, help="held-out prompts for the start and end figures")
     ap.add_argument("--smoke", action="store_true", help="a tiny in-process model and prompt file, 2 steps")
     args = ap.parse_args(argv)
     root = Path(args.out).resolve()
     root.mkdir(parents=True, exist_ok=True)
-    extra = {}
+    extra = {"n_eval_prompts": args.eval_prompts}
     if args.smoke:
         from tether.testing import save_tiny
 
@@ -59,9 +61,9 @@ def main(argv=None) -> int:
         extra = {"model": str(root / "m"), "task": "none", "prompts": str(root / "p.jsonl"), "reward": "math",
                  "eval_prompts": str(root / "p.jsonl"), "prompts_per_step": 2, "group_size": 2, "batch_size": 4}
         args.steps, args.seeds = 2, args.seeds[:1]
-    table = {name: [run_cell(name, s, args.steps, root, extra) for s in args.seeds] for name in CELLS}
+    table = {name: [run_cell(name, s, args.steps, root, extra, args.task) for s in args.seeds] for name in CELLS}
     (root / "table.json").write_text(json.dumps(table, indent=2))
-    print(f"GRPO on arithmetic, {args.steps} steps, seeds {args.seeds}: held-out greedy exact match")
+    print(f"GRPO on {args.task}, {args.steps} steps, seeds {args.seeds}: held-out greedy figure (accuracy or gold)")
     print("| cell | start | end (per seed) | end mean ± sd | wall s (mean) | lag | TIS weight | clipped | ESS |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name, cells in table.items():
