@@ -12,7 +12,8 @@ whole model (hidden 64, 2 layers, tied embeddings) is 41 MB. tether takes log-pr
 How it is measured: each (stage, library) runs in its own fresh Python process (so no run inherits another's heap):
 it builds the same model, tokenizer and data as benchmarks/vs_trl.py (`Settings` below), reads its resident set size
 (VmRSS) just before training, runs the library's normal training loop for a few steps, and reports the peak resident
-set size of the process (getrusage ru_maxrss) and the peak minus that baseline (what training added: activations,
+set size from then on (VmHWM, reset at the baseline through /proc/self/clear_refs; getrusage's ru_maxrss where
+that reset is not allowed) and the peak minus that baseline (what training added: activations,
 logits, gradients, optimizer state, the reference model). The ratio is of the added memory; both figures are printed.
 """
 
@@ -39,12 +40,22 @@ SMOKE = {**SHAPES, "vocab": 2048, "prompt_len": 4, "completion_len": 8, "steps":
 LIBS = ("tether", "trl-defaults", "trl")
 
 
-def rss_mb() -> float:
-    """This process's resident set size now (MB)."""
+def rss_mb(field: str = "VmRSS") -> float:
+    """This process's resident set size now (VmRSS) or its peak since the last reset (VmHWM), MB."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def reset_peak() -> bool:
+    """Restart the peak RSS count here (Linux: writing 5 to clear_refs resets VmHWM), so that building the data
+    before the baseline cannot be the peak; False where the kernel does not allow it (then ru_maxrss is used)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
 
 
 def child(stage: str, lib: str, shapes: dict, threads: int) -> dict:
@@ -65,8 +76,9 @@ def child(stage: str, lib: str, shapes: dict, threads: int) -> dict:
     with tempfile.TemporaryDirectory(prefix="tether-vocab-mem-") as tmp:
         assets = vs_trl.build_assets(Path(tmp), s)
         base = rss_mb()
+        reset = reset_peak()
         vs_trl.RUNNERS[lib](stage, assets, s, Path(tmp) / "run")
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KB on Linux
+        peak = rss_mb("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KB
     return {"base_mb": base, "peak_mb": peak, "added_mb": peak - base}
 
 
