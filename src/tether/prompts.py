@@ -37,11 +37,16 @@ def load_prompts(path: str, task, split: str, n: int | None, seed: int = 0, kind
 def train_and_held_out(path: str, eval_path: str, task, n_train: int, n_eval: int, seed: int = 0,
                        kind: str = "prompts") -> tuple[list[dict], list[dict]]:
     """(train, held-out) prompt records: a file or the task's train split, and a file or the task's test split;
-    with neither held-out source, a seeded hold-out of `n_eval` (at most a tenth) of the training prompts."""
+    with neither held-out source, a seeded hold-out of `n_eval` (at most a tenth, at least one) of the training
+    prompts. A file of one prompt with no held-out source is a ConfigError: nothing would be left to train or to
+    evaluate on."""
     train = load_prompts(path, task, "train", None if path else n_train, seed, kind)
     if eval_path or task is not None:
         return train, load_prompts(eval_path, task, "test", n_eval, seed, key="eval_prompts")
     order = list(range(len(train)))
     random.Random(seed).shuffle(order)
-    n = min(n_eval, len(train) // 10)
+    if len(train) < 2:
+        raise ConfigError(f"{path}: {len(train)} prompt(s), too few to hold some out for evaluation; give more prompts "
+                          "or eval_prompts=FILE")
+    n = max(1, min(n_eval, len(train) // 10))
     return [train[i] for i in order[n:]], [train[i] for i in order[:n]]
