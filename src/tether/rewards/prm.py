@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -56,7 +56,6 @@ class LabelledExample:
     solution_label: bool
     prompt_truncated: bool = False
     completion_truncated: bool = False
-    weight: float = field(default=1.0)
 
 
 def step_targets(labels: Sequence) -> list[float]:
