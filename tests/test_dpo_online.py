@@ -88,7 +88,8 @@ def online(tmp, **kw):
     # 16 tokens: the random tiny model ends about one response in five, enough usable pairs per round
     base = {"model": str(tmp / "m"), "task": "reviews", "label_source": "raters", "rounds": 2,
             "pairs_per_round": 16, "max_new_tokens": 16, "max_steps": 2, "batch_size": 4, "lr": 1e-2,
-            "lr_schedule": "constant", "n_eval_prompts": 4, "out": str(tmp / "run"), "progress": False}
+            "lr_schedule": "constant", "n_eval_prompts": 4, "out": str(tmp / "run"), "progress": False,
+            "mixed_precision": "fp32"}  # exact arithmetic; bf16 is test_precision.py's
     return O.run(load_config(O.OnlineDPOConfig, None, {**base, **kw}))
 
 

@@ -34,3 +34,48 @@ def test_this_machine_reads_its_own_flags():
 
     if not torch.cuda.is_available():
         assert resolve_precision("auto") == want
+
+
+def test_the_reference_runs_in_the_policys_precision():
+    """A frozen reference under bf16 autocast gives the policy's own bf16 log-probs to the last digit (KL 0 at step
+    0), not fp32's: the difference fp32 vs bf16 is the rounding a mismatched reference would add to every KL."""
+    import torch
+
+    from tether.forward import response_outputs
+    from tether.reference import ReferencePolicy
+    from tether.testing import tiny_causal_lm, tiny_tokenizer
+    from tether.wrappers import autocast_to, hf_model
+
+    tok = tiny_tokenizer()
+    policy = tiny_causal_lm(tok).eval()
+    seqs = torch.tensor([tok("the film was good film . very")["input_ids"]] * 2)
+    mask = torch.ones_like(seqs)
+    with torch.no_grad(), autocast_to(torch.bfloat16, "cpu"):  # the prepared policy's forward under bf16
+        policy_lp = response_outputs(policy, seqs, mask, 3).logprobs
+    reference = ReferencePolicy(policy, dtype=torch.bfloat16)
+    assert hf_model(reference.model) is not policy and hf_model(reference.model).config is not None
+    assert torch.equal(reference.logprobs(seqs, mask, 3), policy_lp)
+    fp32 = ReferencePolicy(policy).logprobs(seqs, mask, 3)
+    assert (fp32 - policy_lp).abs().max() > 1e-4  # the mismatch the shared precision removes
+
+
+def test_a_reward_model_trained_in_bf16_is_normalised_in_fp32(tmp_path):
+    """Its consumers load it in fp32, so mean 0 / std 1 on the reference set hold there, not only under autocast."""
+    from tether import data as D
+    from tether.config import load_config
+    from tether.recipes.reward import RewardConfig, run
+    from tether.rewards.learned import LearnedReward
+    from tether.testing import save_tiny
+
+    base = save_tiny(tmp_path / "base")
+    pairs = [{"prompt": "the film was", "chosen": "good ." * (1 + i % 3), "rejected": "bad and dull ." * (1 + i % 2)}
+             for i in range(24)]
+    demos = [{"prompt": p["prompt"], "completion": p["chosen"]} for p in pairs]
+    D.write_jsonl(tmp_path / "pairs.jsonl", pairs)
+    D.write_jsonl(tmp_path / "demos.jsonl", demos)
+    run(load_config(RewardConfig, None, [f"model={base}", f"data={tmp_path / 'pairs.jsonl'}", "progress=false",
+                                         f"normalize_data={tmp_path / 'demos.jsonl'}", "max_steps=3",
+                                         "mixed_precision=bf16", f"out={tmp_path / 'rm'}"]))
+    scores = LearnedReward(tmp_path / "rm" / "model", device="cpu")([d["prompt"] for d in demos],
+                                                                   [d["completion"] for d in demos], demos).scores
+    assert abs(scores.mean().item()) < 1e-4  # mean 0 (normalize_scale=false: no std target)

@@ -41,7 +41,8 @@ def workdir(tmp_path_factory):
 
 def sft(workdir, out, **kw):
     base = {"model": str(workdir / "model"), "data": str(workdir / "demos.jsonl"), "out": str(out),
-            "progress": False, "eval_fraction": 0.0, "lr": 3e-3, "lr_schedule": "constant"}
+            "progress": False, "eval_fraction": 0.0, "lr": 3e-3, "lr_schedule": "constant",
+            "mixed_precision": "fp32"}  # exact arithmetic; bf16 is test_precision.py's
     cfg = load_config(SFTConfig, None, {**base, **kw})
     return run(cfg)
 

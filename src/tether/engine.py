@@ -236,6 +236,8 @@ class Engine:
         precision = resolve_precision(cfg.mixed_precision)  # auto: bf16 only where native (precision.py)
         # cpu=True without CUDA: multi-process CPU runs (torchrun, gloo) need it to form a process group
         self.accelerator = accelerator or new_accelerator(precision)
+        # what the prepared model's forward autocasts to; frozen references run in it too (reference.py)
+        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.accelerator.mixed_precision)
         self.rank, self.world_size = self.accelerator.process_index, self.accelerator.num_processes
         check_launch(self.world_size)
         trackers.check(getattr(cfg, "report_to", []))  # a missing library is an error before anything runs
@@ -539,8 +541,10 @@ class Engine:
             sched._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
     # --- outputs ----------------------------------------------------------------------------------------------------
-    def unwrap(self, model: torch.nn.Module) -> torch.nn.Module:
-        return self.accelerator.unwrap_model(model)
+    def unwrap(self, model: torch.nn.Module, keep_autocast: bool = True) -> torch.nn.Module:
+        """The model under DDP; `keep_autocast=False` also takes off the training precision's autocast (in place:
+        from then on its forward runs in fp32, as a consumer that loads the saved model runs it)."""
+        return self.accelerator.unwrap_model(model, keep_fp32_wrapper=keep_autocast)
 
     def save_model(self, model, tokenizer=None, path: str | Path | None = None, merge: bool | None = None) -> Path:
         """Save a normal HF model directory (LoRA merged unless merge_lora=false); returns its path."""

@@ -33,10 +33,31 @@ class AdaptersOff(torch.nn.Module):
             return self.model(*args, **kwargs)
 
 
+class InPrecision(torch.nn.Module):
+    """A module whose forward runs `model` under autocast to `dtype` (bf16 or fp16; None: as it is), as accelerate
+    runs the prepared policy: a frozen reference computed in the policy's precision, so that while policy ==
+    reference their log-probs agree to the last digit and the KL is 0, not the rounding of bf16."""
+
+    def __init__(self, model, dtype: torch.dtype | None):
+        super().__init__()
+        self.model, self.dtype = model, dtype
+
+    def forward(self, *args, **kwargs):
+        with autocast_to(self.dtype, next(self.model.parameters()).device.type):
+            return self.model(*args, **kwargs)
+
+
+def autocast_to(dtype: torch.dtype | None, device_type: str):
+    """torch.autocast to `dtype` on `device_type`, or a no-op context for None (fp32 training)."""
+    return nullcontext() if dtype is None else torch.autocast(device_type, dtype=dtype)
+
+
 def hf_model(model):
-    """The transformers model: DDP's `.module` unwrapped, `AdaptersOff`'s model, and a peft model's base model."""
+    """The transformers model: DDP's `.module` unwrapped, `AdaptersOff`'s and `InPrecision`'s model, and a peft
+    model's base model."""
     model = getattr(model, "module", model)
-    model = model.model if isinstance(model, AdaptersOff) else model
+    while isinstance(model, (AdaptersOff, InPrecision)):
+        model = model.model
     return model.get_base_model() if has_adapters(model) else model
 
 

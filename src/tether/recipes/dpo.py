@@ -43,6 +43,7 @@ from tether.prompts import load_prompts, load_task
 from tether.reference import ReferencePolicy
 from tether.runfiles import save_torch_atomic
 from tether.tasks import TASKS
+from tether.wrappers import autocast_to
 
 log = logging.getLogger(__name__)
 
@@ -144,10 +145,13 @@ def loss_for(spec, cfg: DPOConfig, logps: torch.Tensor, ref: tuple | None, label
     return spec.fn(policy, policy_other, **hp)
 
 
-def reference_key(model_dir: str, examples: list, spec) -> str:
-    """What the reference log-probs depend on: the reference model's files, every example's token ids, and whether
-    the loss sums or averages them. A cache under another key belongs to other pairs or another model."""
+def reference_key(model_dir: str, examples: list, spec, dtype: torch.dtype | None = None) -> str:
+    """What the reference log-probs depend on: the reference model's files, every example's token ids, whether the
+    loss sums or averages them, and the precision they were computed in (the policy's: an fp32 cache does not serve
+    a bf16 run). A cache under another key belongs to other pairs, another model or another precision."""
     h = hashlib.sha256(f"{rundir.fingerprint(Path(model_dir))} {spec.logp_average} {spec.paired}".encode())
+    if dtype is not None:
+        h.update(str(dtype).encode())
     for ex in examples:
         h.update(repr(dataclasses.astuple(ex)).encode())
     return h.hexdigest()[:16]
@@ -158,7 +162,8 @@ def reference_logps(engine, model, examples, cfg, spec, pad_id, cache_dir: Path 
     """Log-probs of every row under `model` (the reference: the starting policy, `cfg.model`), (n, 2): chosen and
     rejected (KTO: matched and mismatched). Cached in cache_dir (default the run directory) under
     reference_logps-<reference_key>.pt, written atomically; a cache under another key, or unreadable, is not used."""
-    path = Path(cache_dir or engine.run_dir) / f"reference_logps-{reference_key(cfg.model, examples, spec)}.pt"
+    key = reference_key(cfg.model, examples, spec, engine.autocast_dtype)
+    path = Path(cache_dir or engine.run_dir) / f"reference_logps-{key}.pt"
     if path.exists():
         try:
             cached = torch.load(path)
@@ -171,7 +176,8 @@ def reference_logps(engine, model, examples, cfg, spec, pad_id, cache_dir: Path 
     for i in range(0, len(examples), cfg.batch_size):
         chunk = examples[i : i + cfg.batch_size]
         batch = {k: v.to(engine.device) for k, v in collate(chunk, pad_id, spec.paired).items()}
-        rows = sequence_logps(model, batch, spec.logp_average, cfg.padding_free).cpu()
+        with autocast_to(engine.autocast_dtype, engine.device.type):  # the precision the policy trains in
+            rows = sequence_logps(model, batch, spec.logp_average, cfg.padding_free).cpu()
         out.append(torch.stack(D.split_pairs(rows), 1))  # (b, 2): chosen/matched, rejected/mismatched
     model.train()
     cached = torch.cat(out)
@@ -290,7 +296,7 @@ def run(cfg: DPOConfig) -> dict:
     examples = encode(cfg, tokenizer, spec.paired, skip_invalid=cfg.skip_invalid)
     task = load_task(cfg.task)
     held = held_out_records(cfg, task) if task else []
-    ref_model = ReferencePolicy(model).model if task else None  # for the held-out KL only
+    ref_model = ReferencePolicy(model, dtype=engine.autocast_dtype).model if task else None  # the held-out KL only
     ref = reference_logps(engine, model, examples, cfg, spec, pad) if spec.needs_reference else None
     fields = pair_fields(spec, examples)  # margins a loss cannot use are refused before the first step
     held_pairs = encode(cfg, tokenizer, spec.paired, path=cfg.eval_data) if cfg.eval_data else []

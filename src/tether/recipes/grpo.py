@@ -377,7 +377,7 @@ def train(cfg: GRPOConfig, producer=None) -> dict:
     engine = Engine(cfg, "grpo")
     tokenizer = load_tokenizer(cfg.model)
     model = load_causal_lm(cfg.model, LoraSettings.from_config(cfg)).to(engine.device)
-    reference = ReferencePolicy(model) if cfg.beta > 0 else None  # with LoRA: the base with adapters off
+    reference = ReferencePolicy(model, dtype=engine.autocast_dtype) if cfg.beta > 0 else None  # LoRA: adapters off
     model, _, _ = engine.setup(model, cfg.max_steps)
     start, extra = engine.resume()
     policy = engine.unwrap(model)

@@ -189,7 +189,7 @@ def run(cfg: OnlineDPOConfig) -> dict:
                            cfg.seed)
     labeler = make_labeler(cfg, task)
     held = held_out_records(cfg, task) if task else []
-    reference = ReferencePolicy(model).model  # fixed: the starting policy
+    reference = ReferencePolicy(model, dtype=engine.autocast_dtype).model  # fixed: the starting policy
     per_round = cfg.max_steps or steps_for(cfg.pairs_per_round, engine.global_batch, cfg.epochs, 0)
     total = cfg.rounds * per_round
     model, _, _ = engine.setup(model, total, cfg.pairs_per_round)

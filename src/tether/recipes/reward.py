@@ -232,7 +232,10 @@ def train_one(cfg: RewardConfig, tokenizer, train: Comparisons, held: Comparison
         engine.maybe_checkpoint(step)
     engine.save_checkpoint(total)
 
-    hf = hf_model(engine.unwrap(model))
+    # normalised and evaluated in fp32, the precision its consumers (rm:DIR, `rm score`, AutoModel) run it in: stats
+    # taken under bf16 autocast would leave the saved model off mean 0 by bf16's rounding
+    model = engine.unwrap(model, keep_autocast=False)
+    hf = hf_model(model)
     hf.config.reward_bias, hf.config.reward_gain = 0.0, 1.0
     bias, gain = 0.0, 1.0
     if train.kind in prm.LABELLED_KINDS:  # a classifier: its logit is a log-odds and is kept one
