@@ -100,3 +100,45 @@ def test_grpo_on_ray_gives_the_local_numbers_and_runs_with_staleness(tmp_path, m
         assert all("ess_fraction" in x and "weight_mean" in x and "clipped_share" in x for x in stale)
     finally:
         ray.shutdown()
+
+
+@pytest.mark.slow  # a local Ray and two actors loading a model: ~1-2 minutes on 2 shared cores
+def test_ppo_on_ray_gives_the_local_numbers(tmp_path, monkeypatch):
+    pytest.importorskip("ray")
+    import ray
+
+    from tether.recipes import ppo as PPO
+
+    monkeypatch.chdir(tmp_path.parent)
+    save_tiny(tmp_path / "m")
+    with open(tmp_path / "p.jsonl", "w") as f:
+        for i in range(8):
+            f.write(json.dumps({"prompt": f"the film was {i}"}) + "\n")
+    base = {"model": str(tmp_path / "m"), "prompts": str(tmp_path / "p.jsonl"),
+            "eval_prompts": str(tmp_path / "p.jsonl"), "reward": "python:tests.test_grpo:length_reward",
+            "max_steps": 3, "rollout_batch": 4, "num_minibatches": 2, "batch_size": 2, "ppo_epochs": 2,
+            "max_new_tokens": 5, "eval_samples": 1, "progress": False, "lr": 1e-3, "sync_timeout": 120}
+
+    def metrics(name, **kw):
+        PPO.run(load_config(PPO.PPOConfig, None, {**base, **kw, "out": str(tmp_path / name)}))
+        return [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+
+    try:
+        local, remote = metrics("local"), metrics("ray", backend="ray")
+        assert len(local) == len(remote) == 3
+        for a, b in zip(local, remote):  # the same prompts, draws and weights after every push: the same numbers
+            for key in ("reward", "kl", "grad_norm", "pg_loss", "vf_loss", "clipfrac", "response_length"):
+                assert a[key] == pytest.approx(b[key], abs=1e-6), key
+    finally:
+        ray.shutdown()
+
+
+def test_ppo_offers_placement_but_not_stale_or_vllm_rollouts():
+    """PPO on Ray samples on-policy with tether's sampler: the placement keys exist, the rollout keys do not."""
+    from tether.recipes import ppo as PPO
+
+    base = {"model": "m", "reward": "format", "task": "reviews"}
+    assert load_config(PPO.PPOConfig, None, {**base, "backend": "ray", "sync_timeout": 5}).backend == "ray"
+    for key, value in (("max_staleness", 1), ("generation_backend", "vllm")):
+        with pytest.raises(ConfigError, match=key):
+            load_config(PPO.PPOConfig, None, {**base, key: value})

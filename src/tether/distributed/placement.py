@@ -18,7 +18,9 @@ from tether.losses import OFF_POLICY_WEIGHTS
 
 
 @dataclass
-class ScaleFields(Fields):
+class PlacementFields(Fields):
+    """Where a recipe's roles run (PPO, GRPO): the local backend, or Ray actors in placement groups."""
+
     backend: str = opt("local", "where the roles run: local (this process, torchrun for more) or ray (trainer and "
                                 "rollout engine as Ray actors in placement groups)", check=one_of("local", "ray"))
     placement: str = opt("colocate", "backend=ray: colocate (roles share a node) or split (roles on different nodes)",
@@ -28,6 +30,21 @@ class ScaleFields(Fields):
     cpus_per_role: float = opt(1.0, "backend=ray: CPUs each role (trainer, rollout engine) reserves", check=above(0))
     ray_address: str = opt("", "backend=ray: an existing cluster to join (ray://host:10001 or auto; empty = start "
                                "one on this machine)")
+    sync_bucket_mb: float = opt(64.0, "weight sync: bucket size in MiB (one message per bucket)", check=above(0))
+    sync_timeout: float = opt(300.0, "weight sync and every call to a Ray actor: seconds before it fails "
+                                     "(never waits forever)", check=above(0))
+
+    def validate(self) -> None:
+        super().validate()
+        if self.backend == "ray" and self.placement == "split" and self.nodes < 2:
+            raise ConfigError("key 'placement': split puts the roles on different nodes and needs nodes >= 2 "
+                              f"(nodes={self.nodes})")
+
+
+@dataclass
+class ScaleFields(PlacementFields):
+    """Placement plus who samples and how stale a rollout may be (GRPO)."""
+
     generation_backend: str = opt("tether", "who samples the rollouts: tether (its own sampler over the policy) or "
                                             "vllm (an engine built once, weights pushed after every step: "
                                             "generation/vllm.py, installed apart: make test-vllm)",
@@ -39,15 +56,9 @@ class ScaleFields(Fields):
                                      check=one_of("none", *sorted(OFF_POLICY_WEIGHTS)))
     off_policy_cap: float = opt(2.0, "C of the correction: TIS cap, ICEPOP band [1/C, C], sequence bound log C",
                                 check=above(1))
-    sync_bucket_mb: float = opt(64.0, "weight sync: bucket size in MiB (one message per bucket)", check=above(0))
-    sync_timeout: float = opt(300.0, "weight sync and every call to a Ray actor: seconds before it fails "
-                                     "(never waits forever)", check=above(0))
 
     def validate(self) -> None:
         super().validate()
-        if self.backend == "ray" and self.placement == "split" and self.nodes < 2:
-            raise ConfigError("key 'placement': split puts the roles on different nodes and needs nodes >= 2 "
-                              f"(nodes={self.nodes})")
         if self.generation_backend == "vllm" and (self.backend == "ray" or getattr(self, "lora_r", 0) > 0):
             raise ConfigError("key 'generation_backend': vllm samples in this process (backend=local) for full "
                               "fine-tuning (lora_r=0) for now; backend=ray samples with tether's sampler")

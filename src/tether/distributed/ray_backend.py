@@ -2,6 +2,7 @@
 home-made).
 
     tether grpo task=arithmetic backend=ray                                   # a local Ray on this machine
+    tether ppo model=runs/sft/model reward=rm:runs/rm task=reviews backend=ray  # PPO: the same, on-policy
     tether grpo task=arithmetic backend=ray placement=split nodes=2 gpus_per_node=1 ray_address=auto
 
 `launch(cfg, train, make_side)`: Ray is started (or joined at `ray_address`), the plan of placement.py is checked
@@ -131,10 +132,10 @@ def role_options(p, group, role: str) -> dict:
                 placement_group=group, placement_group_bundle_index=p.role_bundle[role])}
 
 
-def launch(cfg, train, make_side) -> dict:
+def launch(cfg, train, make_side, name: str = "grpo") -> dict:
     """Run `train(cfg, producer)` in a trainer actor with a remote rollout engine built by `make_side(cfg)`."""
     ray = start_ray(cfg)
-    cfg.out = str(Path(cfg.out or f"runs/grpo-{time.strftime('%Y%m%d-%H%M%S')}").resolve())
+    cfg.out = str(Path(cfg.out or f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}").resolve())
     p, group = placement_group_for(cfg, ray)
     rollout = ray.remote(RolloutWorker).options(**role_options(p, group, "rollout")).remote(make_side, cfg)
     trainer = ray.remote(TrainerActor).options(**role_options(p, group, "trainer")).remote(cfg)

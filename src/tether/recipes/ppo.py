@@ -44,6 +44,8 @@ import torch
 from tether import data as D
 from tether.advantages import gae, kl_penalized_rewards
 from tether.config import ConfigError, above, at_least, between, one_of, opt
+from tether.distributed.placement import PlacementFields
+from tether.distributed.staleness import LocalProducer, RolloutQueue
 from tether.engine import (
     SCHEDULES,
     CheckpointFields,
@@ -70,7 +72,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class PPOConfig(ModelFields, CheckpointFields, OptimizerFields, RunFields):
+class PPOConfig(PlacementFields, ModelFields, CheckpointFields, OptimizerFields, RunFields):
     model: str = opt("", "policy to train: the SFT model directory (also the reference policy; required)")
     reward: str = opt("", "reward spec: rm:DIR (a `tether rm` output), python:mod:fn, a built-in, or weighted sums")
     value_model: str = opt("", "value model init (default: the reward model of `reward` if it is rm:DIR, else `model`)")
@@ -232,6 +234,55 @@ def forward_in_chunks(model, sequences, attention_mask, prompt_len: int, tempera
     return [torch.cat(parts) for parts in zip(*out)]
 
 
+@dataclass
+class Sampled:
+    """One step's responses and their scores, from wherever they were sampled (this process or a rollout actor),
+    and the state of the step's generator after sampling: the update draws its minibatch order from it, so a
+    remote rollout gives the numbers of a local one."""
+
+    records: list[dict]
+    prompts: list[str]
+    completions: list[str]
+    rollout: Rollout
+    scored: object  # the reward source's RewardOutput
+    gen_seconds: float
+    generator_state: torch.Tensor
+    generator_device: str
+    raw_mean: float | None = None  # mean RM output before the stored gain/bias (raw_proxy_mean)
+    source_name: str | None = None  # the reward source's name (a function's own score is not logged twice)
+
+    def generator(self) -> torch.Generator:
+        g = torch.Generator(self.generator_device)
+        g.set_state(self.generator_state)
+        return g
+
+
+def step_records(cfg: PPOConfig, train: list[dict], step: int, rank: int, world_size: int) -> list[dict]:
+    """This process's `rollout_batch` prompts of `step` (ranks take disjoint slices of one global draw)."""
+    idx = step_indices(step, cfg.rollout_batch * world_size, len(train), cfg.seed)
+    return [train[i] for i in idx[rank * cfg.rollout_batch : (rank + 1) * cfg.rollout_batch]]
+
+
+def step_generator(process_seed: int, step: int, device) -> torch.Generator:
+    """Every random draw of a step (sampling, then minibatch order and ptx batches) comes from this generator;
+    `process_seed` is the engine's (seed + rank · 100,003)."""
+    return torch.Generator(device).manual_seed(process_seed * 1_000_003 + step)
+
+
+@torch.no_grad()
+def sample_and_score(cfg: PPOConfig, policy, reward, tokenizer, records: list[dict],
+                     generator: torch.Generator) -> Sampled:
+    """One response per prompt at temperature T, and the reward source's scores of them."""
+    t0 = time.time()
+    samples = sample_records(policy, tokenizer, records, 1, max_new_tokens=cfg.max_new_tokens,
+                             temperature=cfg.temperature, generator=generator, max_prompt_len=cfg.max_prompt_len)
+    gen_seconds = time.time() - t0
+    scored = reward(samples.prompts, samples.completions, records)
+    return Sampled(records, samples.prompts, samples.completions, samples.rollout, scored, gen_seconds,
+                   generator.get_state(), str(generator.device), raw_proxy_mean(reward, scored.scores.float()),
+                   getattr(reward, "name", None))
+
+
 @torch.no_grad()
 def rollout(cfg: PPOConfig, model, reference: ReferencePolicy, reward, tokenizer, records: list[dict],
             generator: torch.Generator, device) -> tuple[Batch, dict, tuple]:
@@ -239,14 +290,19 @@ def rollout(cfg: PPOConfig, model, reference: ReferencePolicy, reward, tokenizer
 
     Returns (batch, metrics, (prompts, completions)).
     """
-    container = getattr(model, "module", model)
-    t0 = time.time()
-    samples = sample_records(container.policy, tokenizer, records, 1, max_new_tokens=cfg.max_new_tokens,
-                             temperature=cfg.temperature, generator=generator, max_prompt_len=cfg.max_prompt_len)
-    out: Rollout = samples.rollout
-    gen_seconds = time.time() - t0
-    prompts, completions = samples.prompts, samples.completions
-    scored = reward(prompts, completions, records)
+    policy = getattr(model, "module", model).policy
+    return score_batch(cfg, model, reference, tokenizer, sample_and_score(cfg, policy, reward, tokenizer, records,
+                                                                          generator), device)
+
+
+@torch.no_grad()
+def score_batch(cfg: PPOConfig, model, reference: ReferencePolicy, tokenizer, sampled: Sampled,
+                device) -> tuple[Batch, dict, tuple]:
+    """The trainer's side of a rollout: old log-probs and values from the policy+value container, the reference's
+    log-probs, the missing-EOS penalty, and the rollout's metrics."""
+    out: Rollout = sampled.rollout
+    gen_seconds, scored = sampled.gen_seconds, sampled.scored
+    prompts, completions = sampled.prompts, sampled.completions
     proxy = scored.scores.float().to(device)  # (B,)
     has_eos = out.has_eos.to(device)
     scores = proxy if cfg.missing_eos_penalty is None else torch.where(
@@ -282,13 +338,12 @@ def rollout(cfg: PPOConfig, model, reference: ReferencePolicy, reward, tokenizer
         "time_generate": gen_seconds,
         "time_forward": forward_seconds,
     }
-    raw = raw_proxy_mean(reward, proxy)
-    if raw is not None:
-        metrics["reward_raw"] = raw
+    if sampled.raw_mean is not None:
+        metrics["reward_raw"] = sampled.raw_mean
     if scored.std is not None:
         metrics["reward_std"] = scored.std.float().mean()
     for name, component in scored.components.items():
-        if len(scored.components) > 1 or name != getattr(reward, "name", None):  # not a function's own score again
+        if len(scored.components) > 1 or name != sampled.source_name:  # not a function's own score again
             metrics[f"reward/{name}"] = component.float().mean()
     return batch, metrics, (prompts, completions)
 
@@ -411,19 +466,51 @@ def summarize_eval(prefix: str, result: dict) -> dict:
 
 
 # --- the recipe ---------------------------------------------------------------------------------------------------------
+class RolloutSide:
+    """The rollout side of a run in another process (backend=ray): its own copy of the policy, the tokenizer, the
+    reward source and the training prompts; `produce` is the local backend's sampling and scoring, seeded the
+    same way. Old and reference log-probs and values stay with the trainer."""
+
+    def __init__(self, cfg: PPOConfig):
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # a GPU when the actor was given one
+        task = load_task(cfg.task)
+        self.cfg, self.device = cfg, device
+        self.train, _ = train_and_held_out(cfg.prompts, cfg.eval_prompts, task, cfg.n_train_prompts,
+                                           cfg.n_eval_prompts, cfg.seed)
+        self.tokenizer = load_tokenizer(cfg.model)
+        self.model = load_causal_lm(cfg.model, LoraSettings.from_config(cfg)).to(device).eval()
+        self.reward = load_reward(cfg, device)
+
+    def produce(self, step: int) -> Sampled:
+        records = step_records(self.cfg, self.train, step, 0, 1)
+        return sample_and_score(self.cfg, self.model, self.reward, self.tokenizer, records,
+                                step_generator(self.cfg.seed, step, self.device))
+
+
 def run(cfg: PPOConfig) -> dict:
+    if cfg.backend == "ray":  # the same `train`, in a Ray actor, with a RolloutSide in another
+        from tether.distributed.ray_backend import launch
+
+        load_reward(cfg, "cpu")  # a reward that cannot be loaded is an error before any actor starts
+        return launch(cfg, train, RolloutSide, name="ppo")
+    return train(cfg)
+
+
+def train(cfg: PPOConfig, producer=None) -> dict:
+    """The loop; `producer` gives each step's sampled and scored responses (default: sampled here by the policy
+    being trained; backend=ray: a remote rollout engine that receives the weights after every step)."""
     engine = Engine(cfg, "ppo")
     device = engine.device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     task = load_task(cfg.task)
     tokenizer = load_tokenizer(cfg.model)
-    train, held = train_and_held_out(cfg.prompts, cfg.eval_prompts, task, cfg.n_train_prompts, cfg.n_eval_prompts,
-                                     cfg.seed)
+    train_prompts, held = train_and_held_out(cfg.prompts, cfg.eval_prompts, task, cfg.n_train_prompts,
+                                             cfg.n_eval_prompts, cfg.seed)
 
     lora = LoraSettings.from_config(cfg)
     policy = load_causal_lm(cfg.model, lora).to(device)
-    reference = ReferencePolicy(policy, cfg.share_reference)
+    reference = ReferencePolicy(policy, cfg.share_reference, engine.autocast_dtype)
     value = load_reward_model(value_init_dir(cfg), lora).to(device)
     reward = load_reward(cfg, device)
     controller = CONTROLLERS[cfg.kl_controller](cfg)
@@ -434,12 +521,17 @@ def run(cfg: PPOConfig) -> dict:
                for r in D.load_records(cfg.ptx_data, "demonstrations")]
 
     global_rollout = cfg.rollout_batch * engine.world_size
-    n_steps = steps_for(len(train), global_rollout, cfg.epochs, cfg.max_steps)
+    n_steps = steps_for(len(train_prompts), global_rollout, cfg.epochs, cfg.max_steps)
     updates_per_step = cfg.ppo_epochs * cfg.num_minibatches
     model, _, _ = engine.setup(PolicyAndValue(policy, value), n_steps * updates_per_step)
     engine.total_steps = n_steps  # progress, logging and checkpoints count PPO steps; the schedule counts updates
     start, extra = engine.resume()
     policy = engine.unwrap(model).policy
+    producer = producer or LocalProducer(lambda s: sample_and_score(
+        cfg, policy, reward, tokenizer, step_records(cfg, train_prompts, s, engine.rank, engine.world_size),
+        step_generator(engine.seed, s, device)))
+    queue = RolloutQueue(0, producer, end=n_steps)  # PPO trains on-policy: each step samples, then trains
+    producer.load_weights(policy, start)  # a remote engine starts from the trainer's weights (a resumed run's too)
 
     peak = memory_mb(device)
     start_eval = extra.get("start_eval")
@@ -454,12 +546,10 @@ def run(cfg: PPOConfig) -> dict:
     gen_seconds = train_seconds = 0.0
     metrics: dict = {}
     for step in range(start, n_steps):
-        generator = torch.Generator(device).manual_seed(engine.seed * 1_000_003 + step)
-        idx = step_indices(step, global_rollout, len(train), cfg.seed)
-        idx = idx[engine.rank * cfg.rollout_batch : (engine.rank + 1) * cfg.rollout_batch]
-        records = [train[i] for i in idx]
-        batch, metrics, (prompts, completions) = rollout(
-            cfg, model, reference, reward, tokenizer, records, generator, device)
+        sampled = queue.next(step, version=step).payload
+        generator = sampled.generator()  # its state after sampling: minibatch order and ptx draws go on from it
+        records = sampled.records
+        batch, metrics, (prompts, completions) = score_batch(cfg, model, reference, tokenizer, sampled, device)
         if task is not None:
             metrics["gold"] = sum(task.gold_reward(prompts, completions, records)) / len(records)
         beta = controller.value
@@ -469,6 +559,7 @@ def run(cfg: PPOConfig) -> dict:
         t0 = time.time()
         metrics.update(ppo_update(cfg, engine, model, batch, step, beta, generator, ptx, tokenizer.pad_token_id))
         seconds = time.time() - t0
+        producer.load_weights(policy, step + 1)  # a remote rollout engine receives them; a local one shares them
         n_train = int(batch.attention_mask.sum()) * cfg.ppo_epochs
         metrics["train_tokens_per_second"] = n_train / max(seconds, 1e-9)
         gen_tokens += int(batch.response_mask.sum())
