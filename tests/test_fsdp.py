@@ -40,14 +40,14 @@ def workdir(tmp_path_factory):
 
 def common(workdir, **kw) -> dict:
     return {"model": str(workdir / "model"), "data": str(workdir / "demos.jsonl"), "batch_size": 4,
-            "progress": False, "eval_fraction": 0, "lr": 3e-3, **kw}
+            "progress": False, "eval_fraction": 0, "lr": 3e-3, "mixed_precision": "fp32", **kw}  # equal to 1e-5
 
 
 def torchrun_sft(keys: dict) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     args = [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in keys.items()]
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "tether.cli",
-                    "sft", "train_shard=fsdp2", *args], check=True, env=env, timeout=300, capture_output=True)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                    "-m", "tether.cli", "sft", "train_shard=fsdp2", *args], check=True, env=env, timeout=300, capture_output=True)
 
 
 def losses(run_dir) -> list[float]:
@@ -111,11 +111,11 @@ def test_grpo_under_fsdp2_gives_the_ddp_numbers(tmp_path):
     keys = [f"model={tmp_path / 'm'}", "task=none", f"prompts={tmp_path / 'p.jsonl'}",
             f"eval_prompts={tmp_path / 'p.jsonl'}", "reward=python:tests.test_grpo:length_reward", "max_steps=3",
             "prompts_per_step=2", "group_size=4", "max_new_tokens=5", "batch_size=4", "progress=false", "lr=1e-2",
-            "beta=0.04"]
+            "beta=0.04", "mixed_precision=fp32"]  # FSDP2's bf16 policy and DDP's autocast round differently
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     for shard in ("fsdp2", "ddp"):
-        subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "tether.cli",
-                        "grpo", *keys, f"train_shard={shard}", f"out={tmp_path / shard}"], check=True, env=env,
+        subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                    "-m", "tether.cli", "grpo", *keys, f"train_shard={shard}", f"out={tmp_path / shard}"], check=True, env=env,
                        timeout=400, capture_output=True)
     rows = {s: [json.loads(x) for x in (tmp_path / s / "metrics.jsonl").read_text().splitlines()]
             for s in ("fsdp2", "ddp")}

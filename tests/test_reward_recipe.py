@@ -340,8 +340,8 @@ def test_two_processes_equal_one_with_record_weights(files, tmp_path):
     common = [f"model={base}", f"data={tmp_path / 'weighted.jsonl'}", "max_steps=2", "lr=1e-2", "progress=false",
               "lr_schedule=constant", "normalize=false", "eval_fraction=0", "mixed_precision=fp32"]  # exact sums
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "tether.cli",
-                    "rm", *common, "batch_size=2", f"out={tmp_path / 'ddp'}"], check=True, env=env, timeout=600)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                    "-m", "tether.cli", "rm", *common, "batch_size=2", f"out={tmp_path / 'ddp'}"], check=True, env=env, timeout=600)
     run(load_config(RewardConfig, None, [*common, "batch_size=4", f"out={tmp_path / 'one'}"]))
     ddp, one = (load_reward_model(tmp_path / name / "model").state_dict() for name in ("ddp", "one"))
     assert max((ddp[k] - one[k]).abs().max().item() for k in one) < 1e-4  # updates are ~1e-2 per step

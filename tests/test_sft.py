@@ -117,9 +117,9 @@ def test_cli_errors_name_key_and_line(workdir, tmp_path, capsys):
 @pytest.mark.slow
 def test_two_processes_equal_one_with_double_accumulation(workdir, tmp_path):
     common = [f"model={workdir / 'model'}", f"data={workdir / 'demos.jsonl'}", "max_steps=3", "batch_size=4",
-              "progress=false", "eval_fraction=0", "lr=3e-3", "lr_schedule=constant"]
+              "progress=false", "eval_fraction=0", "lr=3e-3", "lr_schedule=constant", "mixed_precision=fp32"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "tether.cli",
-                    "sft", *common, f"out={tmp_path / 'ddp'}"], check=True, env=env, timeout=600)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                    "-m", "tether.cli", "sft", *common, f"out={tmp_path / 'ddp'}"], check=True, env=env, timeout=600)
     sft(workdir, tmp_path / "one", max_steps=3, batch_size=4, grad_accum=2)
     assert losses(tmp_path / "ddp") == pytest.approx(losses(tmp_path / "one"), abs=1e-5)
