@@ -188,3 +188,27 @@ def test_max_staleness_one_trains_on_batches_a_version_old_and_logs_the_correcti
         assert 0 < x["weight_mean"] <= 2.0 and x["weight_mean"] != 1.0
         assert 0 < x["ess_fraction"] <= 1.0 and x["behaviour_kl"] > 0
         assert 0 <= x["clipped_share"] <= 1.0
+
+
+def test_on_policy_old_logprobs_never_mix_precisions():
+    """Lag 0 from tether's sampler: one pass returns no old log-probs (the update uses its own, detached: ratio 1
+    in any precision); several passes keep the sampler's, unless the trainer runs under an autocast the sampler
+    does not, when they are the trainer's own; a stale batch is always recomputed."""
+    from tether.testing import tiny_causal_lm, tiny_tokenizer
+
+    model = tiny_causal_lm(tiny_tokenizer()).eval()
+    seq = torch.randint(3, 60, (4, 9))
+    attn, mask = torch.ones_like(seq), torch.ones(4, 5)
+    behaviour = torch.full((4, 5), -1.0)
+    cfg = load_config(G.GRPOConfig, None, {"model": "m", "batch_size": 2, "ppo_epochs": 1})
+    assert G.off_policy(cfg, model, seq, attn, mask, 4, behaviour, lag=0)[0] is None
+    assert G.off_policy(cfg, model, seq, attn, mask, 4, behaviour, lag=0, same_precision=False)[0] is None
+    cfg = load_config(G.GRPOConfig, None, {"model": "m", "batch_size": 2, "ppo_epochs": 2})
+    assert G.off_policy(cfg, model, seq, attn, mask, 4, behaviour, lag=0)[0] is behaviour
+    own = G.trainer_logprobs(cfg, model, seq, attn, 4)
+    recomputed = G.off_policy(cfg, model, seq, attn, mask, 4, behaviour, lag=0, same_precision=False)[0]
+    assert own.shape == (4, 5) and torch.equal(recomputed, own) and not torch.equal(own, behaviour)
+    cfg = load_config(G.GRPOConfig, None, {"model": "m", "batch_size": 2, "max_staleness": 1,
+                                           "off_policy_correction": "tis"})
+    old, weights, metrics = G.off_policy(cfg, model, seq, attn, mask, 4, behaviour, lag=1)
+    assert torch.equal(old, own) and weights is not None and metrics["behaviour_kl"] > 0

@@ -23,8 +23,10 @@ Rollouts come through a queue (distributed/staleness.py): with `max_staleness` =
 recomputed with the current weights and each token weighted by `off_policy_correction` (losses.OFF_POLICY_WEIGHTS).
 `backend=ray` runs this same `train` in a Ray actor with the rollout side (`RolloutSide`: the same `collect`,
 rewards and prompts) in another (distributed/ray_backend.py); weights are pushed after every optimizer step.
-The old log-probs are the sampling-time log-probs (tempered, unfiltered: exactly what a recompute gives, see
-generation.py), so no extra forward is spent on them. Losses are divided by counts over the whole step, so
+On-policy with one pass the ratio's old log-probs are the update's own, detached (ratio 1 exactly, in any
+precision); with more passes they are the sampling-time log-probs (tempered, unfiltered: what a recompute gives in
+the same precision, see generation/__init__.py), recomputed only when the trainer runs under bf16 autocast and the
+sampler does not, so no extra forward is spent on them otherwise. Losses are divided by counts over the whole step, so
 micro-batch size does not change the update.
 Default departures from DeepSeekMath, for a tiny model on two CPU cores: G = 8 (paper 64), 1 epoch, lr 1e-4 for 150
 steps (measured on `arithmetic`: greedy exact match 0.475 -> 0.84 by step 200 at 1e-4; 2e-5 for 60 steps: 0.58;
@@ -246,21 +248,34 @@ def compute_advantages(cfg, estimator, scores: torch.Tensor, mask: torch.Tensor)
     return estimator.fn(scores, cfg.group_size)[:, None].expand_as(mask)
 
 
-def off_policy(cfg, model, seq, attn, mask, plen, behaviour: torch.Tensor, lag: int):
-    """(old log-probs for the ratio, token weights or None, metrics) of a batch sampled `lag` versions ago.
+def trainer_logprobs(cfg, model, seq, attn, plen) -> torch.Tensor:
+    """Log-probs of the sampled tokens under the trainer's current weights and precision, without gradients."""
+    with torch.no_grad():
+        return torch.cat([response_outputs(model, seq[i : i + cfg.batch_size], attn[i : i + cfg.batch_size],
+                                           plen, cfg.temperature, padding_free=cfg.padding_free).logprobs
+                          for i in range(0, len(seq), cfg.batch_size)])
 
-    On-policy from tether's sampler (lag 0, or correction none) the sampler's log-probs are the old ones. A stale
-    batch, or one from another engine (vLLM), gets log-probs recomputed with the current weights (the proximal
-    policy of decoupled PPO) and the named correction's weights of proximal against behaviour (docs/reference.md
+
+def off_policy(cfg, model, seq, attn, mask, plen, behaviour: torch.Tensor, lag: int, same_precision: bool = True):
+    """(old log-probs for the ratio or None, token weights or None, metrics) of a batch sampled `lag` versions ago.
+
+    On-policy from tether's sampler (lag 0, or correction none) nothing is recomputed: with one pass (`ppo_epochs`
+    1) old is None and the update takes its own detached log-probs, so the ratio is exactly 1 in any precision;
+    with more passes the sampler's log-probs are the old ones, unless the trainer runs under an autocast the
+    sampler does not (`same_precision` False), when they are recomputed in the trainer's precision. A stale batch,
+    or one from another engine (vLLM), gets log-probs recomputed with the current weights (the proximal policy of
+    decoupled PPO) and the named correction's weights of proximal against behaviour (docs/reference.md
     §Off-policy correction); behaviour_kl is then the trainer-vs-engine KL."""
     same_engine = lag == 0 and cfg.generation_backend == "tether"
     if same_engine or cfg.off_policy_correction == "none":
         metrics = off_policy_metrics(behaviour, behaviour, mask, torch.ones_like(mask)) if cfg.max_staleness else {}
-        return behaviour, None, {k: float(v) for k, v in metrics.items()}
-    with torch.no_grad():
-        proximal = torch.cat([response_outputs(model, seq[i : i + cfg.batch_size], attn[i : i + cfg.batch_size],
-                                               plen, cfg.temperature, padding_free=cfg.padding_free).logprobs
-                              for i in range(0, len(seq), cfg.batch_size)])
+        metrics = {k: float(v) for k, v in metrics.items()}
+        if cfg.ppo_epochs == 1 and same_engine:
+            return None, None, metrics
+        if not same_precision and same_engine:
+            return trainer_logprobs(cfg, model, seq, attn, plen), None, metrics
+        return behaviour, None, metrics
+    proximal = trainer_logprobs(cfg, model, seq, attn, plen)
     weights = OFF_POLICY_WEIGHTS[cfg.off_policy_correction](proximal, behaviour, mask, cfg.off_policy_cap)
     return proximal, weights, {k: float(v) for k, v in off_policy_metrics(proximal, behaviour, mask, weights).items()}
 
@@ -275,7 +290,8 @@ def grpo_update(cfg, engine: Engine, model, roll: Rollout, adv: torch.Tensor, re
     seq, attn = roll.sequences.to(engine.device), roll.attention_mask.to(engine.device)
     mask = roll.response_mask.to(engine.device).float()
     plen = roll.prompt_ids.shape[1]
-    old, weights, off = off_policy(cfg, model, seq, attn, mask, plen, roll.logprobs.to(engine.device), lag)
+    old, weights, off = off_policy(cfg, model, seq, attn, mask, plen, roll.logprobs.to(engine.device), lag,
+                                   same_precision=engine.autocast_dtype is None)
     ref = None if reference is None else reference.logprobs(seq, attn, plen, cfg.temperature, cfg.padding_free)
     n_rows = len(seq)
     denominator = {"token-mean": engine.all_sum(mask.sum()), "seq-mean-token-mean": engine.all_sum(n_rows),
@@ -287,7 +303,8 @@ def grpo_update(cfg, engine: Engine, model, roll: Rollout, adv: torch.Tensor, re
             sl = slice(i, i + cfg.batch_size)
             logprobs = response_outputs(model, seq[sl], attn[sl], plen, cfg.temperature,
                                         padding_free=cfg.padding_free).logprobs
-            loss, pg = ppo_policy_loss(logprobs, old[sl], adv[sl], mask[sl], cfg.clip_low, cfg.clip_high,
+            old_sl = logprobs.detach() if old is None else old[sl]
+            loss, pg = ppo_policy_loss(logprobs, old_sl, adv[sl], mask[sl], cfg.clip_low, cfg.clip_high,
                                        cfg.aggregation, denominator, None if weights is None else weights[sl])
             n = float(mask[sl].sum())
             parts = {"clipfrac": float(pg["clipfrac"]), "approx_kl": float(pg["approx_kl"])}
