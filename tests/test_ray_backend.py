@@ -133,12 +133,16 @@ def test_ppo_on_ray_gives_the_local_numbers(tmp_path, monkeypatch):
         ray.shutdown()
 
 
-def test_ppo_offers_placement_but_not_stale_or_vllm_rollouts():
-    """PPO on Ray samples on-policy with tether's sampler: the placement keys exist, the rollout keys do not."""
+def test_ppo_offers_placement_and_vllm_but_not_stale_rollouts():
+    """PPO samples on-policy: the placement keys and generation_backend exist, max_staleness does not; vLLM samples in
+    this process only (not with backend=ray or LoRA), as in GRPO."""
     from tether.recipes import ppo as PPO
 
     base = {"model": "m", "reward": "format", "task": "reviews"}
     assert load_config(PPO.PPOConfig, None, {**base, "backend": "ray", "sync_timeout": 5}).backend == "ray"
-    for key, value in (("max_staleness", 1), ("generation_backend", "vllm")):
-        with pytest.raises(ConfigError, match=key):
-            load_config(PPO.PPOConfig, None, {**base, key: value})
+    assert load_config(PPO.PPOConfig, None, {**base, "generation_backend": "vllm"}).generation_backend == "vllm"
+    with pytest.raises(ConfigError, match="max_staleness"):
+        load_config(PPO.PPOConfig, None, {**base, "max_staleness": 1})
+    for extra in ({"backend": "ray"}, {"lora_r": 8}):
+        with pytest.raises(ConfigError, match="generation_backend"):
+            load_config(PPO.PPOConfig, None, {**base, "generation_backend": "vllm", **extra})

@@ -94,3 +94,72 @@ def test_grpo_samples_with_vllm_and_logs_the_train_vs_engine_kl(tmp_path):
     assert len(lines) == 2
     for x in lines:  # step 1 samples the weights pushed after step 0: a stale engine would show a KL
         assert 0 <= x["behaviour_kl"] < 1e-5 and x["clipped_share"] == 0.0, x
+
+
+@pytest.fixture()
+def qwen_dir(tmp_path):
+    import json
+
+    tok = tiny_tokenizer()
+    tiny_qwen2(tok, seed=0).save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    with open(tmp_path / "p.jsonl", "w") as f:
+        for i in range(8):
+            f.write(json.dumps({"prompt": f"the film was {i}"}) + "\n")
+    return tmp_path
+
+
+@pytest.fixture()
+def pushes(monkeypatch):
+    """The versions pushed into every VLLMEngine of the test, in order (the push itself runs as always)."""
+    seen, real = [], VLLMEngine.push
+
+    def push(self, named, version):
+        seen.append(version)
+        return real(self, named, version)
+
+    monkeypatch.setattr(VLLMEngine, "push", push)
+    return seen
+
+
+def test_ppo_samples_with_vllm_gets_the_weights_after_every_step_and_logs_the_kl(qwen_dir, pushes):
+    import json
+
+    from tether.config import load_config
+    from tether.recipes import ppo as P
+
+    cfg = load_config(P.PPOConfig, None, {
+        "model": str(qwen_dir / "m"), "reward": "python:tests.test_grpo:length_reward",
+        "prompts": str(qwen_dir / "p.jsonl"), "out": str(qwen_dir / "run"), "progress": False, "max_steps": 3,
+        "rollout_batch": 4, "num_minibatches": 1, "batch_size": 4, "max_new_tokens": 5, "n_eval_prompts": 2,
+        "eval_samples": 1, "lr": 1e-2, "mixed_precision": "fp32", "generation_backend": "vllm"}, recipe="ppo")
+    P.run(cfg)
+    assert pushes == [0, 1, 2, 3]  # the start's weights, then after each step
+    lines = [json.loads(x) for x in (qwen_dir / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == 3
+    for x in lines:  # lr 1e-2 moves the policy each step: an engine without the new weights would show a KL
+        assert 0 <= x["behaviour_kl"] < 1e-5, x
+
+
+def test_online_dpo_samples_each_round_with_the_rounds_weights(qwen_dir, pushes):
+    from tether.config import load_config
+    from tether.recipes import online_dpo as O
+
+    O.run(load_config(O.OnlineDPOConfig, None, {
+        "model": str(qwen_dir / "m"), "task": "reviews", "label_source": "raters", "rounds": 2,
+        "pairs_per_round": 16, "max_new_tokens": 16, "max_steps": 2, "batch_size": 4, "lr": 1e-2,
+        "n_eval_prompts": 4, "out": str(qwen_dir / "run"), "progress": False, "generation_backend": "vllm"}))
+    assert pushes == [0, 1]
+    assert (qwen_dir / "run" / "rounds" / "round-1" / "pairs.jsonl").exists()
+
+
+def test_best_of_n_samples_with_vllm_and_pushes_each_rounds_model(qwen_dir, pushes):
+    from tether.config import load_config
+    from tether.recipes import best_of_n as B
+
+    summary = B.run(load_config(B.BoNConfig, None, {
+        "model": str(qwen_dir / "m"), "reward": "reviews", "task": "reviews", "n": 4, "n_prompts": 4,
+        "max_new_tokens": 8, "missing_eos_penalty": "none", "sft": True, "rounds": 2, "n_train_prompts": 4,
+        "sft_max_steps": 1,
+        "out": str(qwen_dir / "run"), "progress": False, "generation_backend": "vllm"}))
+    assert pushes == [0, 1] and summary["samples"] == 4 and len(summary["winners_per_round"]) == 2

@@ -42,13 +42,26 @@ class PlacementFields(Fields):
 
 
 @dataclass
-class ScaleFields(PlacementFields):
-    """Placement plus who samples and how stale a rollout may be (GRPO)."""
+class SamplerFields(Fields):
+    """Who samples a recipe's responses (PPO, GRPO, online DPO, best-of-N)."""
 
-    generation_backend: str = opt("tether", "who samples the rollouts: tether (its own sampler over the policy) or "
-                                            "vllm (an engine built once, weights pushed after every step: "
+    generation_backend: str = opt("tether", "who samples the responses: tether (its own sampler over the policy) "
+                                            "or vllm (an engine built once, weights pushed after every update: "
                                             "generation/vllm.py, installed apart: make test-vllm)",
                                   check=one_of("tether", "vllm"))
+
+    def validate(self) -> None:
+        super().validate()
+        if self.generation_backend == "vllm" and (getattr(self, "backend", "local") == "ray"
+                                                  or getattr(self, "lora_r", 0) > 0):
+            raise ConfigError("key 'generation_backend': vllm samples in this process (backend=local) for full "
+                              "fine-tuning (lora_r=0) for now; backend=ray samples with tether's sampler")
+
+
+@dataclass
+class ScaleFields(PlacementFields, SamplerFields):
+    """Placement, who samples, and how stale a rollout may be (GRPO)."""
+
     max_staleness: int = opt(0, "rollouts may come from weights up to N optimizer steps old (0 = on-policy: sample, "
                                 "then train)", check=at_least(0))
     off_policy_correction: str = opt("tis", "correction of stale rollouts (max_staleness > 0): none | tis | icepop | "
@@ -56,12 +69,6 @@ class ScaleFields(PlacementFields):
                                      check=one_of("none", *sorted(OFF_POLICY_WEIGHTS)))
     off_policy_cap: float = opt(2.0, "C of the correction: TIS cap, ICEPOP band [1/C, C], sequence bound log C",
                                 check=above(1))
-
-    def validate(self) -> None:
-        super().validate()
-        if self.generation_backend == "vllm" and (self.backend == "ray" or getattr(self, "lora_r", 0) > 0):
-            raise ConfigError("key 'generation_backend': vllm samples in this process (backend=local) for full "
-                              "fine-tuning (lora_r=0) for now; backend=ray samples with tether's sampler")
 
 
 ROLES = ("trainer", "rollout")

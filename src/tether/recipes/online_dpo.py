@@ -16,6 +16,8 @@ Each round r (the loss, training and held-out keys — loss, beta, lr, batch_siz
 4. train `epochs` passes over the round's pairs (`max_steps` > 0: that many steps per round) with dpo.train_step;
    then, with a task, gold reward and KL on held-out prompts (evals.jsonl) and label statistics (rounds.jsonl).
 Every round's pairs are kept (rounds/round-R/pairs.jsonl), so a resumed run trains on exactly the pairs it sampled.
+`generation_backend=vllm`: a vLLM engine (rank 0's, built once) samples the pairs, given the policy's weights at the
+start of every round (generation/vllm.py).
 
 This is on-policy DPO as in Guo et al. 2024 (online AI feedback) and iterative DPO (Xu et al. 2023; Dong et al. 2024),
 with one departure: the reference stays the SFT model instead of becoming the last round's policy, so the KL that
@@ -33,6 +35,8 @@ import torch
 
 from tether import data as D
 from tether.config import ConfigError, above, at_least, opt
+from tether.distributed.placement import SamplerFields
+from tether.distributed.sync import named_full_weights
 from tether.engine import Engine, TrainConfig, steps_for
 from tether.evaluate import append_eval
 from tether.generation import sample_records
@@ -55,7 +59,7 @@ from tether.runfiles import strict_json
 
 
 @dataclass
-class OnlineDPOConfig(HeldOutFields, PreferenceFields, TrainConfig):
+class OnlineDPOConfig(HeldOutFields, PreferenceFields, SamplerFields, TrainConfig):
     model: str = opt("", "policy to train, usually the SFT model (also the reference; required)")
     prompts: str = opt("", "training prompts (default: the task's train split)")
     rounds: int = opt(3, "rounds of sample -> label -> train", check=at_least(1))
@@ -153,14 +157,16 @@ def round_prompts(prompts: list[dict], r: int, n: int) -> list[dict]:
     return [prompts[(r * n + i) % len(prompts)] for i in range(n)]
 
 
-def prepare_round(cfg, engine: Engine, policy, reference, tokenizer, labeler, task, prompts, r: int, spec):
-    """Sample + label round r (or read the pairs a previous run sampled), encode, reference log-probs (cached)."""
+def prepare_round(cfg, engine: Engine, policy, reference, tokenizer, labeler, task, prompts, r: int, spec,
+                  sampler=None):
+    """Sample + label round r (or read the pairs a previous run sampled), encode, reference log-probs (cached).
+    `sampler` (generation_backend=vllm, rank 0): the engine that samples, given the policy's weights first."""
     round_dir = engine.run_dir / "rounds" / f"round-{r}"
     path = round_dir / "pairs.jsonl"
     if engine.is_main and not (cfg.resume and path.exists()):  # one sampler; every process reads its pairs
         records = round_prompts(prompts, r, cfg.pairs_per_round)
         generator = torch.Generator(engine.device).manual_seed(engine.seed * 1_000_003 + r)
-        groups = sample_records(policy, tokenizer, records, 2, max_new_tokens=cfg.max_new_tokens,
+        groups = sample_records(policy if sampler is None else sampler, tokenizer, records, 2, max_new_tokens=cfg.max_new_tokens,
                                 temperature=cfg.temperature, generator=generator, max_prompt_len=cfg.max_prompt_len,
                                 batch_size=64).groups(2)
         labels = labeler([g["prompt"] for g in groups], [g["completions"][0] for g in groups],
@@ -198,9 +204,19 @@ def run(cfg: OnlineDPOConfig) -> dict:
     start_eval = start_evaluation(cfg, engine, policy, reference, tokenizer, task, held, start, extra)
     model.train()
 
+    sampler = None
+    if cfg.generation_backend == "vllm" and engine.is_main:  # the one sampler; built once, given each round's weights
+        from tether.generation.vllm import VLLMEngine
+
+        sampler = VLLMEngine(cfg.model, seed=cfg.seed)
     metrics, end_eval = {}, start_eval
     for r in range(start // per_round, cfg.rounds):
-        examples, ref = prepare_round(cfg, engine, policy, reference, tokenizer, labeler, task, prompts, r, spec)
+        if cfg.generation_backend == "vllm":
+            weights = list(named_full_weights(policy))  # every rank gathers, in the same order (FSDP2 shards)
+            if sampler is not None:
+                sampler.push(weights, version=r)
+        examples, ref = prepare_round(cfg, engine, policy, reference, tokenizer, labeler, task, prompts, r, spec,
+                                      sampler)
         fields = (False, False)  # sampled pairs carry no weight or margin
         for step in range(max(start, r * per_round), (r + 1) * per_round):
             metrics = train_step(engine, model, examples, ref, spec, cfg, tokenizer.pad_token_id, step,

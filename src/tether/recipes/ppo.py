@@ -20,6 +20,10 @@ One step, as InstructGPT and "The N+ implementation details of RLHF with PPO" de
 Policy and value live in ONE module (`PolicyAndValue`) so the engine's single optimizer, DDP wrapper and checkpoints
 cover both; the KL controller is registered with the engine, and every random draw of a step (sampling, minibatch
 order, ptx batches) comes from a generator seeded by (seed, rank, step), so a resumed run repeats the uninterrupted one.
+Who samples: tether's sampler over the policy being trained, or with `generation_backend=vllm` a vLLM engine built
+once and given the weights after every step (generation/vllm.py); the old log-probs are the trainer's own either
+way, and the engine's KL to them is logged each step (`behaviour_kl`). `backend=ray` runs the same `train` in a Ray
+actor beside a rollout actor (distributed/ray_backend.py).
 Held-out evaluation (`evaluate.evaluate_policy` plus the proxy reward) runs before the first step (the SFT policy) and
 after the last; summary.json compares them.
 
@@ -44,8 +48,8 @@ import torch
 from tether import data as D
 from tether.advantages import gae, kl_penalized_rewards
 from tether.config import ConfigError, above, at_least, between, one_of, opt
-from tether.distributed.placement import PlacementFields
-from tether.distributed.staleness import LocalProducer, RolloutQueue
+from tether.distributed.placement import PlacementFields, SamplerFields
+from tether.distributed.staleness import EngineProducer, LocalProducer, RolloutQueue
 from tether.engine import (
     SCHEDULES,
     CheckpointFields,
@@ -60,7 +64,14 @@ from tether.evaluate import append_eval, held_out_eval
 from tether.forward import PolicyAndValue, completion_nll, token_outputs
 from tether.generation import Rollout, sample_records
 from tether.kl import KL_ESTIMATORS, AdaptiveKLController, FixedKLController, UncertaintyKLController
-from tether.losses import masked_mean, masked_sum, masked_whiten, ppo_policy_loss, value_loss
+from tether.losses import (
+    masked_mean,
+    masked_sum,
+    masked_whiten,
+    off_policy_metrics,
+    ppo_policy_loss,
+    value_loss,
+)
 from tether.metrics import distinct_n, explained_variance, repetition_rate
 from tether.models import LoraSettings, load_causal_lm, load_reward_model, load_tokenizer
 from tether.prompts import load_task, train_and_held_out
@@ -72,7 +83,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class PPOConfig(PlacementFields, ModelFields, CheckpointFields, OptimizerFields, RunFields):
+class PPOConfig(PlacementFields, SamplerFields, ModelFields, CheckpointFields, OptimizerFields, RunFields):
     model: str = opt("", "policy to train: the SFT model directory (also the reference policy; required)")
     reward: str = opt("", "reward spec: rm:DIR (a `tether rm` output), python:mod:fn, a built-in, or weighted sums")
     value_model: str = opt("", "value model init (default: the reward model of `reward` if it is rm:DIR, else `model`)")
@@ -275,7 +286,8 @@ def sample_and_score(cfg: PPOConfig, policy, reward, tokenizer, records: list[di
     """One response per prompt at temperature T, and the reward source's scores of them."""
     t0 = time.time()
     samples = sample_records(policy, tokenizer, records, 1, max_new_tokens=cfg.max_new_tokens,
-                             temperature=cfg.temperature, generator=generator, max_prompt_len=cfg.max_prompt_len)
+                             temperature=cfg.temperature, generator=generator, max_prompt_len=cfg.max_prompt_len,
+                             return_logprobs=cfg.generation_backend == "vllm")  # the engine's, against the trainer's
     gen_seconds = time.time() - t0
     scored = reward(samples.prompts, samples.completions, records)
     return Sampled(records, samples.prompts, samples.completions, samples.rollout, scored, gen_seconds,
@@ -338,6 +350,9 @@ def score_batch(cfg: PPOConfig, model, reference: ReferencePolicy, tokenizer, sa
         "time_generate": gen_seconds,
         "time_forward": forward_seconds,
     }
+    if out.logprobs is not None:  # another engine sampled (vLLM): KL of its log-probs to the trainer's, each step
+        metrics["behaviour_kl"] = off_policy_metrics(logprobs, out.logprobs.to(device), response_mask,
+                                                     torch.ones_like(response_mask))["behaviour_kl"]
     if sampled.raw_mean is not None:
         metrics["reward_raw"] = sampled.raw_mean
     if scored.std is not None:
@@ -498,7 +513,8 @@ def run(cfg: PPOConfig) -> dict:
 
 def train(cfg: PPOConfig, producer=None) -> dict:
     """The loop; `producer` gives each step's sampled and scored responses (default: sampled here by the policy
-    being trained; backend=ray: a remote rollout engine that receives the weights after every step)."""
+    being trained; generation_backend=vllm: a vLLM engine of this process; backend=ray: a remote rollout actor;
+    both receive the weights after every step)."""
     engine = Engine(cfg, "ppo")
     device = engine.device
     if device.type == "cuda":
@@ -527,6 +543,12 @@ def train(cfg: PPOConfig, producer=None) -> dict:
     engine.total_steps = n_steps  # progress, logging and checkpoints count PPO steps; the schedule counts updates
     start, extra = engine.resume()
     policy = engine.unwrap(model).policy
+    if producer is None and cfg.generation_backend == "vllm":  # built once; the weights pushed after every step
+        from tether.generation.vllm import VLLMEngine
+
+        producer = EngineProducer(VLLMEngine(cfg.model, seed=cfg.seed), lambda sampler, s: sample_and_score(
+            cfg, sampler, reward, tokenizer, step_records(cfg, train_prompts, s, engine.rank, engine.world_size),
+            step_generator(engine.seed, s, device)))
     producer = producer or LocalProducer(lambda s: sample_and_score(
         cfg, policy, reward, tokenizer, step_records(cfg, train_prompts, s, engine.rank, engine.world_size),
         step_generator(engine.seed, s, device)))
