@@ -6,7 +6,9 @@
 # 2. weight sync time for the same model: distributed/sync.py between two processes, sync_bucket_mb=64, 5 pushes;
 # 3. 20 GRPO steps on the arithmetic task with backend=ray max_staleness=1 in bf16: behaviour_kl (the trainer-vs-
 #    engine KL of each stale batch) must stay below 1e-3 at version lag 0 and is reported at lag 1.
-# The vLLM cycle (sleep -> train -> wake -> sync -> generate) is not here: generation_backend=vllm is not built yet.
+# 4. where vLLM is installed (build/vllm-venv, or vllm importable by $PY): 20 GRPO steps with generation_backend=vllm,
+#    colocated on one GPU, with vllm_sleep=true (sleep -> train -> wake -> push -> generate each step) and without:
+#    peak memory of each, and the train-vs-engine KL (behaviour_kl) in bf16, which must stay below 1e-3.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -69,6 +71,20 @@ PY
 echo "== 3. GRPO, 20 steps, backend=ray, max_staleness=1, bf16"
 timeout 300 .venv/bin/tether grpo task=arithmetic backend=ray max_staleness=1 max_steps=20 mixed_precision=bf16 \
   gpus_per_node=1 progress=false out="$OUT/grpo" overwrite=true
+VPY=$PY
+[ -x build/vllm-venv/bin/python ] && VPY=build/vllm-venv/bin/python
+if "$VPY" -c "import vllm" 2>/dev/null; then
+  for SLEEP in true false; do
+    echo "== 4. GRPO, 20 steps, generation_backend=vllm vllm_sleep=$SLEEP, bf16"
+    nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 200 > "$OUT/gpu_mb_sleep_$SLEEP.txt" &
+    MON=$!
+    timeout 300 "$VPY" -m tether.cli grpo task=arithmetic generation_backend=vllm vllm_sleep=$SLEEP max_steps=20 \
+      mixed_precision=bf16 progress=false out="$OUT/grpo_vllm_sleep_$SLEEP" overwrite=true || true
+    kill $MON || true
+  done
+else
+  echo "== 4. skipped: vLLM is not installed (make test-vllm installs it into build/vllm-venv)"
+fi
 "$PY" - "$OUT" <<'PY'
 import json, sys
 from pathlib import Path
@@ -81,4 +97,12 @@ print("| check | figure |\n|---|---|")
 print(f"| FSDP2 bf16 sft, 494M, tokens/s | {fsdp['tokens_per_second']:.0f} |")
 print(f"| weight sync 494M fp32, 64 MiB buckets, median s | {sync['sync_seconds_median']:.3f} |")
 print(f"| GRPO max_staleness=1: behaviour_kl at lag 1, mean | {sum(lag1) / max(1, len(lag1)):.2e} |")
+for sleep in ("true", "false"):
+    run = out / f"grpo_vllm_sleep_{sleep}"
+    if (run / "metrics.jsonl").exists():
+        rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        kl = max(r.get("behaviour_kl", 0.0) for r in rows)
+        used = [int(x.split(",")[0]) for x in (out / f"gpu_mb_sleep_{sleep}.txt").read_text().split()]
+        print(f"| GRPO vLLM vllm_sleep={sleep}: max behaviour_kl; GPU memory used, peak MB (nvidia-smi) | "
+              f"{kl:.2e}; {max(used)} |")
 PY

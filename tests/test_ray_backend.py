@@ -5,6 +5,7 @@ max_staleness=0 gives the local backend's numbers, and with max_staleness=1 logs
 import json
 
 import pytest
+import torch
 
 from tether.config import ConfigError, load_config
 from tether.distributed import placement as P
@@ -146,3 +147,12 @@ def test_ppo_offers_placement_and_vllm_but_not_stale_rollouts():
     for extra in ({"backend": "ray"}, {"lora_r": 8}):
         with pytest.raises(ConfigError, match="generation_backend"):
             load_config(PPO.PPOConfig, None, {**base, "generation_backend": "vllm", **extra})
+
+
+def test_vllm_sleep_needs_vllm_and_a_cuda_gpu():
+    base = {"model": "m", "task": "arithmetic"}
+    with pytest.raises(ConfigError, match="vllm_sleep': only with generation_backend=vllm"):
+        load_config(G.GRPOConfig, None, {**base, "vllm_sleep": True})
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="vllm_sleep': vLLM's sleep mode needs a CUDA GPU"):
+            load_config(G.GRPOConfig, None, {**base, "vllm_sleep": True, "generation_backend": "vllm"})

@@ -51,6 +51,8 @@ def check(engine, model, tok, prompts, temperature):
 
 def test_greedy_tokens_and_logprobs_equal_tethers_before_and_after_a_push(setup):
     tok, model, engine, prompts = setup
+    engine.sleep()  # without sleep_mode (a CPU engine cannot have it) nothing happens
+    assert not engine.asleep
     ours, theirs, gap = check(engine, model, tok, prompts, 0.0)
     assert torch.equal(ours.response_ids, theirs.response_ids)
     assert gap <= 1e-5, gap

@@ -49,9 +49,19 @@ class SamplerFields(Fields):
                                             "or vllm (an engine built once, weights pushed after every update: "
                                             "generation/vllm.py, installed apart: make test-vllm)",
                                   check=one_of("tether", "vllm"))
+    vllm_sleep: bool = opt(False, "generation_backend=vllm on a GPU shared with the trainer: the engine sleeps while "
+                                  "the trainer trains (vLLM sleep level 1: weights to CPU memory, KV cache freed) "
+                                  "and wakes to take the new weights; CUDA only")
 
     def validate(self) -> None:
         super().validate()
+        if self.vllm_sleep and self.generation_backend != "vllm":
+            raise ConfigError("key 'vllm_sleep': only with generation_backend=vllm")
+        if self.vllm_sleep:
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ConfigError("key 'vllm_sleep': vLLM's sleep mode needs a CUDA GPU, and this machine has none")
         if self.generation_backend == "vllm" and (getattr(self, "backend", "local") == "ray"
                                                   or getattr(self, "lora_r", 0) > 0):
             raise ConfigError("key 'generation_backend': vllm samples in this process (backend=local) for full "

@@ -57,7 +57,9 @@ class EngineProducer:
         self.sampler, self._produce = sampler, produce
 
     def produce(self, step: int) -> Any:
-        return self._produce(self.sampler, step)
+        out = self._produce(self.sampler, step)
+        self.sampler.sleep()  # sleep_mode: training gets the GPU's memory until the next sample or push
+        return out
 
     def collect(self, handle: Any) -> Any:
         return handle

@@ -245,6 +245,8 @@ def expert_iteration(cfg: BoNConfig, tokenizer, reward, task, run_dir: Path, hel
                 engine.push(named_full_weights(policy), version=r)
             generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + r + 1)
             groups = _sample(cfg, policy if engine is None else engine, tokenizer, train, cfg.n, generator)
+            if engine is not None:
+                engine.sleep()  # vllm_sleep: the round's fine-tuning gets the GPU's memory
             score_groups(groups, reward, cfg.missing_eos_penalty, task)
             D.write_jsonl(data, winners(groups, cfg.n, cfg.missing_eos_penalty is not None))
         kept.append(sum(1 for _ in data.open()))
@@ -277,7 +279,7 @@ def run(cfg: BoNConfig) -> dict:
     if cfg.generation_backend == "vllm":  # built once; expert iteration pushes each round's weights into it
         from tether.generation.vllm import VLLMEngine
 
-        engine = VLLMEngine(cfg.model, seed=cfg.seed)
+        engine = VLLMEngine(cfg.model, seed=cfg.seed, sleep_mode=cfg.vllm_sleep)
 
     samples = run_dir / "samples.jsonl"
     if cfg.resume and samples.exists():  # the table's samples of the interrupted run, scored as they were

@@ -208,7 +208,7 @@ def run(cfg: OnlineDPOConfig) -> dict:
     if cfg.generation_backend == "vllm" and engine.is_main:  # the one sampler; built once, given each round's weights
         from tether.generation.vllm import VLLMEngine
 
-        sampler = VLLMEngine(cfg.model, seed=cfg.seed)
+        sampler = VLLMEngine(cfg.model, seed=cfg.seed, sleep_mode=cfg.vllm_sleep)
     metrics, end_eval = {}, start_eval
     for r in range(start // per_round, cfg.rounds):
         if cfg.generation_backend == "vllm":
@@ -217,6 +217,8 @@ def run(cfg: OnlineDPOConfig) -> dict:
                 sampler.push(weights, version=r)
         examples, ref = prepare_round(cfg, engine, policy, reference, tokenizer, labeler, task, prompts, r, spec,
                                       sampler)
+        if sampler is not None:
+            sampler.sleep()  # vllm_sleep: the round's training gets the GPU's memory
         fields = (False, False)  # sampled pairs carry no weight or margin
         for step in range(max(start, r * per_round), (r + 1) * per_round):
             metrics = train_step(engine, model, examples, ref, spec, cfg, tokenizer.pad_token_id, step,
