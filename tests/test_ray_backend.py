@@ -136,7 +136,7 @@ def test_ppo_on_ray_gives_the_local_numbers(tmp_path, monkeypatch):
 
 def test_ppo_offers_placement_and_vllm_but_not_stale_rollouts():
     """PPO samples on-policy: the placement keys and generation_backend exist, max_staleness does not; vLLM samples in
-    this process only (not with backend=ray or LoRA), as in GRPO."""
+    this process only (not with backend=ray), as in GRPO; a LoRA policy is pushed merged."""
     from tether.recipes import ppo as PPO
 
     base = {"model": "m", "reward": "format", "task": "reviews"}
@@ -144,9 +144,9 @@ def test_ppo_offers_placement_and_vllm_but_not_stale_rollouts():
     assert load_config(PPO.PPOConfig, None, {**base, "generation_backend": "vllm"}).generation_backend == "vllm"
     with pytest.raises(ConfigError, match="max_staleness"):
         load_config(PPO.PPOConfig, None, {**base, "max_staleness": 1})
-    for extra in ({"backend": "ray"}, {"lora_r": 8}):
-        with pytest.raises(ConfigError, match="generation_backend"):
-            load_config(PPO.PPOConfig, None, {**base, "generation_backend": "vllm", **extra})
+    with pytest.raises(ConfigError, match="generation_backend"):
+        load_config(PPO.PPOConfig, None, {**base, "generation_backend": "vllm", "backend": "ray"})
+    assert load_config(PPO.PPOConfig, None, {**base, "generation_backend": "vllm", "lora_r": 8}).lora_r == 8
 
 
 def test_vllm_sleep_needs_vllm_and_a_cuda_gpu():

@@ -130,3 +130,29 @@ def test_a_receiver_with_another_model_is_refused_by_the_header():
         send_weights(group, named_full_weights(small), 1.0)
     th.join(10)
     assert isinstance(out.get("error"), ValueError) and "not the same model" in str(out["error"])
+
+
+def test_a_lora_policy_is_pushed_merged_under_the_base_models_names_and_is_left_untouched():
+    import copy
+
+    from tether.distributed.sync import named_merged_weights
+    from tether.models import LoraSettings, apply_lora
+
+    base = tiny_causal_lm(tiny_tokenizer())
+    names = set(base.state_dict())
+    policy = apply_lora(copy.deepcopy(base), LoraSettings(4, 8.0, 0.0, "all-linear"))
+    with torch.no_grad():  # B starts at 0 (a zero delta); trained adapters are not
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    before = {k: v.clone() for k, v in policy.state_dict().items()}
+    merged = dict(named_merged_weights(policy))
+    expected = copy.deepcopy(policy).merge_and_unload().state_dict()
+    assert set(merged) == names == set(expected)
+    changed = 0
+    for k in names:
+        assert torch.allclose(merged[k], expected[k], atol=1e-6), k
+        changed += not torch.equal(merged[k], base.state_dict()[k])
+    assert changed >= 4  # the adapted projections of both layers carry their delta
+    assert all(torch.equal(before[k], v) for k, v in policy.state_dict().items())  # nothing merged in place
+    assert dict(named_merged_weights(base)).keys() == names  # a plain model: its own weights

@@ -165,3 +165,24 @@ def test_best_of_n_samples_with_vllm_and_pushes_each_rounds_model(qwen_dir, push
         "sft_max_steps": 1,
         "out": str(qwen_dir / "run"), "progress": False, "generation_backend": "vllm"}))
     assert pushes == [0, 1] and summary["samples"] == 4 and len(summary["winners_per_round"]) == 2
+
+
+def test_a_lora_policy_reaches_the_engine_merged(qwen_dir, pushes):
+    """GRPO with LoRA: the adapters start at a zero delta and move from step 0 on (lr 1e-2); a push without them
+    merged would leave the engine on the base weights and the train-vs-engine KL would show it."""
+    import json
+
+    from tether.config import load_config
+    from tether.recipes import grpo as G
+
+    G.run(load_config(G.GRPOConfig, None, {
+        "model": str(qwen_dir / "m"), "task": "none", "prompts": str(qwen_dir / "p.jsonl"),
+        "eval_prompts": str(qwen_dir / "p.jsonl"), "reward": "python:tests.test_grpo:length_reward",
+        "out": str(qwen_dir / "run"), "max_steps": 3, "prompts_per_step": 2, "group_size": 2, "max_new_tokens": 5,
+        "batch_size": 4, "progress": False, "lr": 1e-2, "beta": 0.0, "lora_r": 4, "lora_alpha": 32,
+        "mixed_precision": "fp32", "generation_backend": "vllm"}))
+    assert pushes == [0, 1, 2, 3]
+    lines = [json.loads(x) for x in (qwen_dir / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == 3
+    for x in lines:
+        assert 0 <= x["behaviour_kl"] < 1e-5, x

@@ -62,10 +62,9 @@ class SamplerFields(Fields):
 
             if not torch.cuda.is_available():
                 raise ConfigError("key 'vllm_sleep': vLLM's sleep mode needs a CUDA GPU, and this machine has none")
-        if self.generation_backend == "vllm" and (getattr(self, "backend", "local") == "ray"
-                                                  or getattr(self, "lora_r", 0) > 0):
-            raise ConfigError("key 'generation_backend': vllm samples in this process (backend=local) for full "
-                              "fine-tuning (lora_r=0) for now; backend=ray samples with tether's sampler")
+        if self.generation_backend == "vllm" and getattr(self, "backend", "local") == "ray":
+            raise ConfigError("key 'generation_backend': vllm samples in this process (backend=local) for now; "
+                              "backend=ray samples with tether's sampler")
 
 
 @dataclass

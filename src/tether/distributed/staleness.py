@@ -65,9 +65,9 @@ class EngineProducer:
         return handle
 
     def load_weights(self, model, version: int) -> None:
-        from tether.distributed.sync import named_full_weights
+        from tether.distributed.sync import named_merged_weights
 
-        self.sampler.push(named_full_weights(model), version)
+        self.sampler.push(named_merged_weights(model), version)  # a LoRA policy: its adapters merged in
 
 
 class LocalProducer:

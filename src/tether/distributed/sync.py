@@ -52,6 +52,31 @@ def named_full_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tens
         yield name, (value.full_tensor() if hasattr(value, "full_tensor") else value).detach()
 
 
+def named_merged_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """The weights a plain HF model of the same architecture loads: for a LoRA (peft) policy, each adapted layer's
+    base weight plus its active adapters' delta (peft's `get_delta_weight`: scaling · B @ A), under the base model's
+    own names, with the model left untouched (merging in place and back would drift by the rounding each step);
+    any other model as `named_full_weights`."""
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+
+    if not isinstance(model, PeftModel):
+        yield from named_full_weights(model)
+        return
+    prefix, deltas = "base_model.model.", {}
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            deltas[f"{name}.base_layer.weight"] = sum(module.get_delta_weight(a) for a in module.active_adapters)
+    state = model.state_dict()
+    for key in sorted(state):
+        if ".lora_" in key:
+            continue
+        value = state[key].detach()
+        if key in deltas:
+            value = value + deltas[key].detach().to(value.dtype)
+        yield key.removeprefix(prefix).replace(".base_layer.", "."), value
+
+
 class SyncGroup:
     """A gloo group of its own for weight pushes: rank 0 sends, ranks 1.. receive. Joining waits at most `timeout_s`
     for every member (then SyncTimeout names the ranks that never came)."""

@@ -2,7 +2,7 @@
 
     engine = VLLMEngine(model_dir, max_model_len=512, seed=0)     # built once per run
     response, logprobs = engine.sample(prompt_ids, prompt_mask, max_new_tokens, eos_ids, pad_id, temperature)
-    engine.push(named_full_weights(policy), version=step + 1)    # after each optimizer step
+    engine.push(named_merged_weights(policy), version=step + 1)  # after each optimizer step (LoRA: merged)
     engine.sleep()                                               # sleep_mode=True: while the trainer trains
 
 New weights enter through `LLM.collective_rpc` into `WeightReceiver`, the worker extension vLLM loads into each of

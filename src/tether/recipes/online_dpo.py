@@ -36,7 +36,7 @@ import torch
 from tether import data as D
 from tether.config import ConfigError, above, at_least, opt
 from tether.distributed.placement import SamplerFields
-from tether.distributed.sync import named_full_weights
+from tether.distributed.sync import named_merged_weights
 from tether.engine import Engine, TrainConfig, steps_for
 from tether.evaluate import append_eval
 from tether.generation import sample_records
@@ -212,7 +212,7 @@ def run(cfg: OnlineDPOConfig) -> dict:
     metrics, end_eval = {}, start_eval
     for r in range(start // per_round, cfg.rounds):
         if cfg.generation_backend == "vllm":
-            weights = list(named_full_weights(policy))  # every rank gathers, in the same order (FSDP2 shards)
+            weights = list(named_merged_weights(policy))  # LoRA merged in; every rank gathers (FSDP2)
             if sampler is not None:
                 sampler.push(weights, version=r)
         examples, ref = prepare_round(cfg, engine, policy, reference, tokenizer, labeler, task, prompts, r, spec,
