@@ -418,7 +418,8 @@ def train(cfg: GRPOConfig, producer=None) -> dict:
     if producer is None and cfg.generation_backend == "vllm":  # built once; the same rollout function samples it
         from tether.generation.vllm import VLLMEngine
 
-        producer = EngineProducer(VLLMEngine(cfg.model, seed=cfg.seed, sleep_mode=cfg.vllm_sleep), lambda sampler, s: collect(
+        vllm = VLLMEngine(cfg.model, seed=cfg.seed, sleep_mode=cfg.vllm_sleep)
+        producer = EngineProducer(vllm, lambda sampler, s: collect(
             cfg, engine, sampler, tokenizer, pool, rewards, s, step_generator(cfg, engine, s)))
     producer = producer or LocalProducer(
         lambda s: collect(cfg, engine, policy, tokenizer, pool, rewards, s, step_generator(cfg, engine, s)))

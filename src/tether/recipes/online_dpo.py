@@ -166,9 +166,9 @@ def prepare_round(cfg, engine: Engine, policy, reference, tokenizer, labeler, ta
     if engine.is_main and not (cfg.resume and path.exists()):  # one sampler; every process reads its pairs
         records = round_prompts(prompts, r, cfg.pairs_per_round)
         generator = torch.Generator(engine.device).manual_seed(engine.seed * 1_000_003 + r)
-        groups = sample_records(policy if sampler is None else sampler, tokenizer, records, 2, max_new_tokens=cfg.max_new_tokens,
-                                temperature=cfg.temperature, generator=generator, max_prompt_len=cfg.max_prompt_len,
-                                batch_size=64).groups(2)
+        groups = sample_records(policy if sampler is None else sampler, tokenizer, records, 2,
+                                max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, generator=generator,
+                                max_prompt_len=cfg.max_prompt_len, batch_size=64).groups(2)
         labels = labeler([g["prompt"] for g in groups], [g["completions"][0] for g in groups],
                          [g["completions"][1] for g in groups], [g["record"] for g in groups])
         pairs = pairs_from_groups(groups, labels)

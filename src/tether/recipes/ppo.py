@@ -546,7 +546,8 @@ def train(cfg: PPOConfig, producer=None) -> dict:
     if producer is None and cfg.generation_backend == "vllm":  # built once; the weights pushed after every step
         from tether.generation.vllm import VLLMEngine
 
-        producer = EngineProducer(VLLMEngine(cfg.model, seed=cfg.seed, sleep_mode=cfg.vllm_sleep), lambda sampler, s: sample_and_score(
+        vllm = VLLMEngine(cfg.model, seed=cfg.seed, sleep_mode=cfg.vllm_sleep)
+        producer = EngineProducer(vllm, lambda sampler, s: sample_and_score(
             cfg, sampler, reward, tokenizer, step_records(cfg, train_prompts, s, engine.rank, engine.world_size),
             step_generator(engine.seed, s, device)))
     producer = producer or LocalProducer(lambda s: sample_and_score(
