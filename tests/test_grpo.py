@@ -190,7 +190,7 @@ def test_max_staleness_one_trains_on_batches_a_version_old_and_logs_the_correcti
         assert 0 <= x["clipped_share"] <= 1.0
 
 
-def test_on_policy_old_logprobs_never_mix_precisions():
+def test_on_policy_old_logprobs_by_passes_and_precision():
     """Lag 0 from tether's sampler: one pass returns no old log-probs (the update uses its own, detached: ratio 1
     in any precision); several passes keep the sampler's, unless the trainer runs under an autocast the sampler
     does not, when they are the trainer's own; a stale batch is always recomputed."""

@@ -32,6 +32,14 @@ class WeightReceiver:
         return len(named)
 
 
+def engine_for(cfg) -> VLLMEngine | None:
+    """The run's engine when the config (distributed.placement.SamplerFields) says `generation_backend=vllm`, built
+    from `cfg.model` (a LoRA run's base: the adapters come merged with every push); None for tether's sampler."""
+    if cfg.generation_backend != "vllm":
+        return None
+    return VLLMEngine(cfg.model, seed=cfg.seed, sleep_mode=cfg.vllm_sleep)
+
+
 class VLLMEngine:
     def __init__(self, model_dir: str, max_model_len: int | None = None, seed: int = 0, dtype: str = "float32",
                  memory_fraction: float = 0.3, rpc_timeout: float = 300.0, sleep_mode: bool = False, **llm_kwargs):

@@ -53,6 +53,7 @@ from tether.config import ConfigError, above, at_least, load_config, one_of, opt
 from tether.distributed.placement import SamplerFields
 from tether.evaluate import evaluate_policy
 from tether.generation import sample_records
+from tether.generation.vllm import engine_for
 from tether.metrics import bon_kl, bon_kl_empirical, expected_max_normal, unbiased_bon_estimate
 from tether.prompts import load_prompts, load_task
 from tether.runfiles import strict_json, write_atomic
@@ -231,7 +232,7 @@ def expert_iteration(cfg: BoNConfig, tokenizer, reward, task, run_dir: Path, hel
                      engine=None) -> dict:
     """`rounds` of sample n -> keep the best -> SFT, then gold/KL of the final model vs the start (held out).
     `engine` (generation_backend=vllm) samples each round after the round's weights are pushed into it."""
-    from tether.distributed.sync import named_full_weights
+    from tether.distributed.sync import named_merged_weights
     from tether.models import load_causal_lm
 
     train = load_prompts(cfg.train_prompts, task, "train", cfg.n_train_prompts, cfg.seed, key="train_prompts")
@@ -242,7 +243,7 @@ def expert_iteration(cfg: BoNConfig, tokenizer, reward, task, run_dir: Path, hel
         if not data.exists():
             policy = load_causal_lm(current).eval()
             if engine is not None:
-                engine.push(named_full_weights(policy), version=r)
+                engine.push(named_merged_weights(policy), version=r)
             generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + r + 1)
             groups = _sample(cfg, policy if engine is None else engine, tokenizer, train, cfg.n, generator)
             if engine is not None:
@@ -275,11 +276,7 @@ def run(cfg: BoNConfig) -> dict:
     reward = reward_from_spec(spec)
     tokenizer, model = load_tokenizer(cfg.model), load_causal_lm(cfg.model).eval()
     held = load_prompts(cfg.prompts, task, "test", cfg.n_prompts, cfg.seed)
-    engine = None
-    if cfg.generation_backend == "vllm":  # built once; expert iteration pushes each round's weights into it
-        from tether.generation.vllm import VLLMEngine
-
-        engine = VLLMEngine(cfg.model, seed=cfg.seed, sleep_mode=cfg.vllm_sleep)
+    engine = engine_for(cfg)  # vllm: built once; expert iteration pushes each round's weights into it
 
     samples = run_dir / "samples.jsonl"
     if cfg.resume and samples.exists():  # the table's samples of the interrupted run, scored as they were

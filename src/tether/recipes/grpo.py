@@ -58,6 +58,7 @@ from tether.engine import (
 from tether.evaluate import evaluate_policy
 from tether.forward import response_outputs
 from tether.generation import Rollout, sample_records
+from tether.generation.vllm import engine_for
 from tether.kl import kl_k3
 from tether.losses import (
     AGGREGATIONS,
@@ -415,10 +416,8 @@ def train(cfg: GRPOConfig, producer=None) -> dict:
                                                  greedy_step_accuracy(policy, tokenizer, task, held, cfg))
     estimator = ADVANTAGE_ESTIMATORS[cfg.estimator]
     metrics: dict = {}
-    if producer is None and cfg.generation_backend == "vllm":  # built once; the same rollout function samples it
-        from tether.generation.vllm import VLLMEngine
-
-        vllm = VLLMEngine(cfg.model, seed=cfg.seed, sleep_mode=cfg.vllm_sleep)
+    vllm = engine_for(cfg) if producer is None else None
+    if vllm is not None:  # built once; the same rollout function samples it
         producer = EngineProducer(vllm, lambda sampler, s: collect(
             cfg, engine, sampler, tokenizer, pool, rewards, s, step_generator(cfg, engine, s)))
     producer = producer or LocalProducer(

@@ -40,6 +40,7 @@ from tether.distributed.sync import named_merged_weights
 from tether.engine import Engine, TrainConfig, steps_for
 from tether.evaluate import append_eval
 from tether.generation import sample_records
+from tether.generation.vllm import engine_for
 from tether.losses import PREFERENCE_LOSSES
 from tether.models import LoraSettings, load_causal_lm, load_tokenizer
 from tether.prompts import load_prompts, load_task
@@ -204,11 +205,7 @@ def run(cfg: OnlineDPOConfig) -> dict:
     start_eval = start_evaluation(cfg, engine, policy, reference, tokenizer, task, held, start, extra)
     model.train()
 
-    sampler = None
-    if cfg.generation_backend == "vllm" and engine.is_main:  # the one sampler; built once, given each round's weights
-        from tether.generation.vllm import VLLMEngine
-
-        sampler = VLLMEngine(cfg.model, seed=cfg.seed, sleep_mode=cfg.vllm_sleep)
+    sampler = engine_for(cfg) if engine.is_main else None  # vllm: the one sampler, given each round's weights
     metrics, end_eval = {}, start_eval
     for r in range(start // per_round, cfg.rounds):
         if cfg.generation_backend == "vllm":

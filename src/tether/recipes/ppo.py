@@ -63,6 +63,7 @@ from tether.engine import (
 from tether.evaluate import append_eval, held_out_eval
 from tether.forward import PolicyAndValue, completion_nll, token_outputs
 from tether.generation import Rollout, sample_records
+from tether.generation.vllm import engine_for
 from tether.kl import KL_ESTIMATORS, AdaptiveKLController, FixedKLController, UncertaintyKLController
 from tether.losses import (
     masked_mean,
@@ -543,10 +544,8 @@ def train(cfg: PPOConfig, producer=None) -> dict:
     engine.total_steps = n_steps  # progress, logging and checkpoints count PPO steps; the schedule counts updates
     start, extra = engine.resume()
     policy = engine.unwrap(model).policy
-    if producer is None and cfg.generation_backend == "vllm":  # built once; the weights pushed after every step
-        from tether.generation.vllm import VLLMEngine
-
-        vllm = VLLMEngine(cfg.model, seed=cfg.seed, sleep_mode=cfg.vllm_sleep)
+    vllm = engine_for(cfg) if producer is None else None
+    if vllm is not None:  # built once; the weights pushed after every step
         producer = EngineProducer(vllm, lambda sampler, s: sample_and_score(
             cfg, sampler, reward, tokenizer, step_records(cfg, train_prompts, s, engine.rank, engine.world_size),
             step_generator(engine.seed, s, device)))
