@@ -38,6 +38,14 @@ def test_cot_clamp_and_direct_rlaif_score():
     assert J.rescale_score(1.0) == -1.0 and J.rescale_score(10.0) == 1.0
 
 
+def test_pointwise_prob_is_bradley_terry_on_the_two_scores():
+    # s_a = 7.0, s_b = 5.0: σ(2) = 1 / (1 + e^-2) = 0.880797; at 2 points per logit σ(1) = 0.731059
+    assert J.pointwise_prob(7.0, 5.0) == pytest.approx(0.880797, abs=1e-6)
+    assert J.pointwise_prob(7.0, 5.0, scale=2.0) == pytest.approx(0.731059, abs=1e-6)
+    assert J.pointwise_prob(5.0, 7.0) == pytest.approx(1 - 0.880797, abs=1e-6) and J.pointwise_prob(3.0, 3.0) == 0.5
+    assert J.pointwise_prob(-800.0, 800.0) == 0.0 and J.pointwise_prob(800.0, -800.0) == 1.0  # no overflow
+
+
 def test_hard_choice_reads_the_option_named_first():
     assert J.hard_choice(" (B) because it is kinder than (A)", [" (A)", " (B)"]) == 1
     assert J.hard_choice("I cannot say", [" (A)", " (B)"]) is None
@@ -64,6 +72,10 @@ def test_constitution_errors_name_the_key(tmp_path):
         parse_constitution({**CONSTITUTION, "templates": {"comparison": "{conversation}"}}, "c.yaml")
     with pytest.raises(ConfigError, match="templates.options: must be exactly two"):
         parse_constitution({**CONSTITUTION, "templates": {"options": [" a", " b", " c"]}}, "c.yaml")
+    with pytest.raises(ConfigError, match="labels: must be one of pairwise | pointwise, got 'both'"):
+        parse_constitution({**CONSTITUTION, "labels": "both"}, "c.yaml")
+    with pytest.raises(ConfigError, match="c.yaml: pointwise_scale: must be a number > 0, got 0"):
+        parse_constitution({**CONSTITUTION, "pointwise_scale": 0}, "c.yaml")
     with pytest.raises(ConfigError, match="judge.modle: unknown key"):
         parse_constitution({**CONSTITUTION, "judge": {"modle": "x"}}, "c.yaml")
     bad = tmp_path / "bad.yaml"
@@ -152,6 +164,21 @@ def test_score_is_the_rescaled_expected_score(local):
     probs = J.option_probs(local.option_logprobs(["the film was good . answer :"], [" 1", " 2", " 3"])[0])
     s = 1 * probs[0] + 2 * probs[1] + 3 * probs[2]
     assert got == pytest.approx(2 * (s - 1) / 2 - 1, abs=1e-6)
+
+
+def test_pointwise_labels_compare_the_two_expected_scores(local):
+    c = parse_constitution({**CONSTITUTION, "labels": "pointwise", "pointwise_scale": 0.5})
+    judge = J.Judge(local, c)
+    v = judge.compare(["the film was", "it"], ["good", "fine ."], ["bad", "fine ."])
+
+    def s(response):  # the expected 1-3 score of the score prompt, by hand
+        probs = J.option_probs(local.option_logprobs([f"the film was {response} . answer :"], [" 1", " 2", " 3"])[0])
+        return probs[0] + 2 * probs[1] + 3 * probs[2]
+
+    want = 1 / (1 + math.exp(-(s("good") - s("bad")) / 0.5))
+    assert v[0].prob == pytest.approx(want, abs=1e-6) and v[0].prob_ab == v[0].prob
+    assert v[0].prob_ba is None and v[0].consistent is None and v[0].principle == "score"
+    assert v[1].prob == pytest.approx(0.5, abs=1e-9)  # the same response twice: no preference
 
 
 class NoLogprobs:

@@ -16,6 +16,9 @@ hhh.yaml):
     swap: true                      # judge both orders and average (RLAIF §3.1: position bias)
     cot: false                      # chain of thought first; its labels clamped to cot_clamp (RL-CAI §4.1)
     cot_clamp: [0.4, 0.6]
+    labels: pairwise                # pairwise: the comparison prompt above; pointwise: each response scored alone
+                                    # by the score prompt, P(a better) = σ((E[s_a] − E[s_b]) / pointwise_scale)
+    pointwise_scale: 1.0            # points of expected score per logit of the pointwise label
     principles:
       - {name: harmless, weight: 1.0, comparison: "Which response is less harmful?",
          critique: "Identify ways the response is harmful.", revision: "Rewrite the response to remove harm."}
@@ -42,6 +45,7 @@ from tether.config import ConfigError
 
 HERE = Path(__file__).parent / "constitutions"
 SAMPLING = ("per_comparison", "all")
+LABELS = ("pairwise", "pointwise")
 TEMPLATE_FIELDS = {
     "comparison": {"few_shot", "prompt", "a", "b", "question"},
     "score": {"few_shot", "prompt", "response", "question"},
@@ -89,6 +93,8 @@ class Constitution:
     swap: bool = True
     cot: bool = False
     cot_clamp: tuple[float, float] = (0.4, 0.6)
+    labels: str = "pairwise"
+    pointwise_scale: float = 1.0
     judge: dict = field(default_factory=dict)
     source: str = "<memory>"
 
@@ -191,13 +197,20 @@ def parse_constitution(raw, source: str = "<memory>") -> Constitution:
     """A Constitution from the parsed YAML mapping; ConfigError names the source and the key."""
     if not isinstance(raw, dict):
         _fail(source, "(top level)", "must be a mapping with at least `principles`")
-    known = {"name", "judge", "sampling", "swap", "cot", "cot_clamp", "principles", "templates", "few_shot"}
+    known = {"name", "judge", "sampling", "swap", "cot", "cot_clamp", "labels", "pointwise_scale", "principles",
+             "templates", "few_shot"}
     unknown = set(raw) - known
     if unknown:
         _fail(source, sorted(unknown)[0], f"unknown key; use {', '.join(sorted(known))}")
     sampling = raw.get("sampling", "per_comparison")
     if sampling not in SAMPLING:
         _fail(source, "sampling", f"must be one of {' | '.join(SAMPLING)}, got {sampling!r}")
+    labels = raw.get("labels", "pairwise")
+    if labels not in LABELS:
+        _fail(source, "labels", f"must be one of {' | '.join(LABELS)}, got {labels!r}")
+    scale = raw.get("pointwise_scale", 1.0)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+        _fail(source, "pointwise_scale", f"must be a number > 0, got {scale!r}")
     for key in ("swap", "cot"):
         if not isinstance(raw.get(key, False), bool):
             _fail(source, key, "must be true or false")
@@ -222,7 +235,8 @@ def parse_constitution(raw, source: str = "<memory>") -> Constitution:
         _fail(source, "judge.api", f"must be completions or chat, got {judge.get('api')!r}")
     return Constitution(str(raw.get("name", Path(source).stem)), _principles(raw.get("principles"), source),
                         _templates(raw.get("templates"), source), few_shot, sampling, raw.get("swap", True),
-                        raw.get("cot", False), (float(clamp[0]), float(clamp[1])), judge, source)
+                        raw.get("cot", False), (float(clamp[0]), float(clamp[1])), labels, float(scale), judge,
+                        source)
 
 
 def constitution_path(name: str | Path) -> Path:

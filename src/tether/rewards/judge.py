@@ -13,6 +13,10 @@ How a label is made (Bai et al. 2022 §4.1; Lee et al. 2023 §3):
   option string after it (every token of " (A)", not one token), and the two are normalised: p = e^la/(e^la + e^lb);
 - with `swap`, the pair is judged again with b shown first and the two readings averaged (position bias);
 - with `sampling: all` every principle is asked and the labels averaged by weight, else one principle per pair;
+- with `labels: pointwise` no comparison is asked: each response gets its expected 1-K score from the score prompt
+  alone, and P(a better) = σ((E[s_a] − E[s_b]) / pointwise_scale), a Bradley-Terry label on the judge's scores. A
+  small judge that cannot compare two texts in one context may still score one well (the embedded judge does:
+  docs/ai-feedback.md), and a pointwise label has no order, so no position bias to average away;
 - with `cot`, a rationale is generated first and the label read after it, then clamped to cot_clamp ([0.4, 0.6]);
 - a backend that gives no log-probs (a server without them) is asked for text; the option it names is a hard label
   (prob 1 or 0; 0.5 when it names neither), flagged `hard` in every verdict.
@@ -86,6 +90,13 @@ def expected_score(probs: Sequence[float]) -> float:
 def rescale_score(s: float, k: int = 10) -> float:
     """s in [1, K] -> [-1, 1]: 2(s − 1)/(K − 1) − 1; for K = 10, (s − 5.5)/4.5."""
     return 2.0 * (s - 1.0) / (k - 1) - 1.0
+
+
+def pointwise_prob(score_a: float, score_b: float, scale: float = 1.0) -> float:
+    """P(a better) = σ((s_a − s_b) / scale) = 1 / (1 + exp(−(s_a − s_b) / scale)): Bradley-Terry on two expected
+    scores, `scale` points of score per logit."""
+    z = (score_a - score_b) / scale
+    return 1.0 / (1.0 + math.exp(-z)) if z >= 0 else math.exp(z) / (1.0 + math.exp(z))
 
 
 def weighted_mean(values: Sequence[float], weights: Sequence[float]) -> float:
@@ -387,6 +398,11 @@ class Judge:
     def compare(self, prompts: Sequence[str], a: Sequence[str], b: Sequence[str]) -> list[Verdict]:
         """One Verdict per pair (a_i, b_i) after prompts_i."""
         c = self.constitution
+        if c.labels == "pointwise":
+            scores = self.expected_scores(list(prompts) * 2, list(a) + list(b))
+            n = len(prompts)
+            return [Verdict(p, p, None, "score") for p in
+                    (pointwise_prob(scores[i], scores[n + i], c.pointwise_scale) for i in range(n))]
         rng = random.Random(f"judge-{self.seed}")
         picked = [c.pick(rng) for _ in prompts]
         jobs = [(i, p) for i, principles in enumerate(picked) for p in principles]
@@ -405,13 +421,16 @@ class Judge:
             out.append(Verdict(prob, p_ab, p_ba, "+".join(p.name for p in principles), hard))
         return out
 
+    def expected_scores(self, prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
+        """The expected 1-K score of each completion under the score prompt."""
+        c = self.constitution
+        contexts = [c.score_prompt(p, r) for p, r in zip(prompts, completions)]
+        return [expected_score(probs) for probs, _ in self._option_probs(contexts, c.templates["score_options"])]
+
     def score(self, prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
         """Direct RLAIF: the expected 1-K score of each completion, rescaled to [-1, 1]."""
-        c = self.constitution
-        options = c.templates["score_options"]
-        contexts = [c.score_prompt(p, r) for p, r in zip(prompts, completions)]
-        return [rescale_score(expected_score(probs), len(options)) for probs, _ in self._option_probs(contexts,
-                                                                                                      options)]
+        k = len(self.constitution.templates["score_options"])
+        return [rescale_score(s, k) for s in self.expected_scores(prompts, completions)]
 
 
 class JudgeReward(RewardSource):
