@@ -33,6 +33,15 @@ def test_expected_calibration_error_by_hand():
     assert A.expected_calibration_error([1.0, 1.0], [True, True]) == 0.0  # p = 1 falls in the last bin
 
 
+def test_human_calibration_error_does_not_depend_on_which_response_is_a():
+    # confidences 0.9, 0.8, 0.6, 0.7; the human agrees with the judge's pick in pairs 1, 3 and 4:
+    # bins [0.9]: |0.9 − 1| = 0.1; [0.8]: |0.8 − 0| = 0.8; [0.6]: |0.6 − 1|; [0.7]: |0.7 − 1| -> mean 0.375
+    p_a, human = [0.9, 0.2, 0.6, 0.3], [True, True, True, False]
+    assert A.human_calibration_error(p_a, human) == pytest.approx((0.1 + 0.8 + 0.4 + 0.3) / 4)
+    flipped = A.human_calibration_error([1 - p for p in p_a], [not h for h in human])
+    assert flipped == pytest.approx(A.human_calibration_error(p_a, human))
+
+
 class FixedJudge:
     """Stands in for the judge's output only, to check how verdicts become records (the judge is tested elsewhere)."""
 

@@ -97,7 +97,14 @@ def test_demo_cai_stages_are_wired(tmp_path):
     from tether.recipes import demo
 
     cfg = load_config(demo.DemoConfig, None, {"out": str(tmp_path), "stages": "cai"})
-    assert cfg.stage_list() == demo.CAI_STAGES and cfg.cai_rounds == 2 and cfg.cai_epochs == 1 and demo.CAI_STAGES[-3:] == ["cai", "rm_ai", "ppo_ai"]
+    assert cfg.stage_list() == demo.CAI_STAGES and cfg.cai_rounds == 2 and cfg.cai_epochs == 1
+    assert demo.CAI_STAGES == ["sft", "rm", "ppo", "cai", "rm_human", "ppo_human", "rm_ai", "ppo_ai", "ppo_judge"]
+    assert demo.stage_overrides(cfg, "rm_human")["data"] == str(tmp_path / "data" / "prefs.jsonl")
+    assert demo.stage_overrides(cfg, "ppo_human") == {"reward": f"rm:{tmp_path / 'rm_human'}"}
     assert demo.stage_overrides(cfg, "cai") == {"model": str(tmp_path / "sft" / "model"), "task": "reviews"}
     assert demo.stage_overrides(cfg, "ppo_ai") == {"reward": f"rm:{tmp_path / 'rm_ai'}"}
+    assert demo.stage_overrides(cfg, "ppo_judge") == {"reward": "judge:reviews", "kl_coef": 0.0, "max_steps": 120}
+    # other stages named beside cai run after it (they need its SFT model); overopt adds the weak proxy's run
+    more = load_config(demo.DemoConfig, None, {"out": str(tmp_path), "stages": "dpo,cai", "overopt": True})
+    assert more.stage_list() == demo.CAI_STAGES + ["dpo", "ppo_nokl"]
     assert demo.DEMO_STAGES["rm_ai"].module == "tether.recipes.reward"

@@ -16,9 +16,11 @@ import json
 import math
 from pathlib import Path
 
-POLICY_STAGES = ("ppo", "ppo_nokl", "dpo", "ipo")  # stages that train a policy and report gold/KL start and end
+POLICY_STAGES = ("ppo", "ppo_nokl", "dpo", "ipo", "ppo_human", "ppo_ai", "ppo_judge")  # stages that train a policy and report gold/KL start and end
 LABELS = {"ppo": "PPO", "ppo_nokl": "PPO, β = 0, weak proxy", "dpo": "DPO", "ipo": "IPO", "sft": "SFT", "rm": "reward model",
-          "rm_small": "weak proxy RM"}
+          "rm_small": "weak proxy RM", "rm_ai": "reward model on AI labels",
+          "rm_human": "reward model on the raters' labels of the AI-labelled pairs", "ppo_human": "PPO on rm_human (RLHF)", "ppo_ai": "PPO on AI labels (RLAIF)",
+          "ppo_judge": "PPO, β = 0, judge as reward (direct RLAIF)"}
 
 
 def read_jsonl(path: Path) -> list[dict]:

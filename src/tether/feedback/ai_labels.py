@@ -15,7 +15,7 @@ picked the same response. `tether rm` and `tether dpo` train on `prob` as per-pa
 The summary (printed, and written beside `out` as .meta.json): agreement with the human labels (swap-averaged and
 first order only), with the task's gold reward and the Bayes ceiling of agreement with the raters (embedded tasks),
 the position-consistency rate (the same response wins in both orders) and calibration (expected calibration error
-of prob against the human label, 10 bins).
+of the judge's confidence in its pick against the human's agreeing, 10 bins).
 """
 
 from __future__ import annotations
@@ -64,6 +64,14 @@ def expected_calibration_error(probs: list[float], outcomes: list[bool], bins: i
         groups.setdefault(min(bins - 1, int(p * bins)), []).append((p, y))
     return sum(len(g) / len(probs) * abs(sum(p for p, _ in g) / len(g) - sum(y for _, y in g) / len(g))
                for g in groups.values())
+
+
+def human_calibration_error(p_a: list[float], human: list[bool]) -> float:
+    """ECE of the judge's confidence in its own pick, max(p, 1 − p), against whether the human picked the same: the
+    same number whichever response of a pair is called a (ECE of P(a) itself changes with that naming: when a is
+    always the human's choice, every confident disagreement lands in a low bin whose outcomes are all 1)."""
+    return expected_calibration_error([max(p, 1.0 - p) for p in p_a],
+                                      [(p >= 0.5) == h for p, h in zip(p_a, human)])
 
 
 # --- reading the input -----------------------------------------------------------------------------------------------
@@ -143,7 +151,7 @@ def summarise(pairs: list[dict], records: list[dict], task=None, tau: float = 1.
         human = [pairs[i]["human"] for i in known]
         summary["agreement_human"] = agreement([p_a[i] for i in known], human)
         summary["agreement_human_one_order"] = agreement([first[i] for i in known], human)
-        summary["ece_human"] = expected_calibration_error([p_a[i] for i in known], human)
+        summary["ece_human"] = human_calibration_error([p_a[i] for i in known], human)
     if task is not None:
         prompts = [pair["prompt"] for pair in pairs]
         ga = task.gold_reward(prompts, [pair["a"] for pair in pairs])

@@ -12,13 +12,17 @@ and PNGs in `out` (report.py), and a short summary in the terminal.
 
 Stages: sft, rm, ppo (the default), dpo and ipo (by name: stages=sft,rm,ppo,dpo,ipo; ipo is the dpo_* settings
 with IPO's loss, IPO_OVERRIDES) and ppo_nokl (PPO with the KL tether off, to show
-over-optimisation; selected by overopt=true or by name); stages=cai runs sft, rm, ppo, then cai (SL-CAI on the SFT
-model, `tether cai`), rm_ai (the rm recipe on the reviews judge's soft labels of prefs.jsonl, `tether label ai`) and
-ppo_ai (PPO against rm_ai): RLAIF beside RLHF, each stage's summary under its name. ppo_nokl optimises a weak proxy, rm_small: the same reward
-model recipe on only the first `overopt_pairs` comparisons (Gao et al.: the fewer comparisons, the sooner the proxy
-is over-optimised). Measured: against the full RM, β = 0 reaches the gold plateau of β = 0.05 at a higher KL (gold
-1.90 at KL 7.6 vs 1.97 at KL 4.6) and does not turn down in 120 steps; against the 500-comparison proxy (held-out
-accuracy 0.70) the held-out gold goes 0.59 (step 20) -> -2.20 (step 80) while the proxy rises 1.55 -> 2.61.
+over-optimisation; selected by overopt=true or by name). stages=cai runs sft, rm, ppo, then cai (SL-CAI on the
+SFT model, `tether cai`), rm_ai (the rm recipe on the reviews judge's soft labels of prefs.jsonl, `tether label ai`)
+and ppo_ai (PPO against rm_ai) beside rm_human and ppo_human (the same recipes on the raters' labels of the same
+2,000 pairs; the demo's rm trains on 4-way rankings), and ppo_judge (direct RLAIF: PPO at β = 0 with the judge's
+1-10 score as the reward, `reward=judge:reviews`, nokl_max_steps steps): RLAIF beside RLHF, each stage's summary
+under its name; `stages=cai overopt=true` adds the weak proxy's β = 0 run to set beside ppo_judge. ppo_nokl
+optimises a weak proxy, rm_small: the same reward model recipe on only the first `overopt_pairs` comparisons (Gao
+et al.: the fewer comparisons, the sooner the proxy is over-optimised). Measured: against the full RM, β = 0
+reaches the gold plateau of β = 0.05 at a higher KL (gold 1.90 at KL 7.6 vs 1.97 at KL 4.6) and does not turn down
+in 120 steps; against the 500-comparison proxy (held-out accuracy 0.70) the held-out gold goes 0.59 (step 20) ->
+-2.20 (step 80) while the proxy rises 1.55 -> 2.61.
 
 Every setting of a stage is a key <prefix>_<key> as in `tether pipeline` (rm_small shares the rm_* keys, ppo_nokl the
 ppo_* keys; its steps are nokl_max_steps). The defaults below are what fits the 10-minute budget on two CPU cores;
@@ -49,7 +53,11 @@ DEMO_STAGES["ppo_nokl"] = Stage("ppo", "tether.recipes.ppo", "PPOConfig")
 DEMO_STAGES["cai"] = Stage("cai", "tether.recipes.cai", "CAIConfig")
 DEMO_STAGES["rm_ai"] = Stage("rm", "tether.recipes.reward", "RewardConfig")
 DEMO_STAGES["ppo_ai"] = Stage("ppo", "tether.recipes.ppo", "PPOConfig")
-CAI_STAGES = ["sft", "rm", "ppo", "cai", "rm_ai", "ppo_ai"]  # what stages=cai runs (finished ones are skipped)
+DEMO_STAGES["ppo_judge"] = Stage("ppo", "tether.recipes.ppo", "PPOConfig")  # direct RLAIF: the judge as the reward
+# RLHF on exactly the pairs the judge labels (the demo's rm trains on 4-way rankings, 6 comparisons each)
+DEMO_STAGES["rm_human"] = Stage("rm", "tether.recipes.reward", "RewardConfig")
+DEMO_STAGES["ppo_human"] = Stage("ppo", "tether.recipes.ppo", "PPOConfig")
+CAI_STAGES = ["sft", "rm", "ppo", "cai", "rm_human", "ppo_human", "rm_ai", "ppo_ai", "ppo_judge"]  # stages=cai
 
 # Demo defaults (measured on two CPU cores, see the PPO recipe's docstring for the PPO choices).
 DEMO_DEFAULTS = {
@@ -125,9 +133,9 @@ class DemoBase(PipelineBase):
     def stage_list(self) -> list[str]:
         if self.stages.strip():
             names = super().stage_list()
-            if "cai" in names:  # SL-CAI and RLAIF beside RLHF (CAI_STAGES)
-                names = [n for n in names if n not in CAI_STAGES] + CAI_STAGES
-            return names
+            if "cai" in names:  # SL-CAI and RLAIF beside RLHF (CAI_STAGES), then whatever else was named
+                names = CAI_STAGES + [n for n in names if n not in CAI_STAGES]
+            return names + (["ppo_nokl"] if self.overopt and "ppo_nokl" not in names else [])
         return ["sft", "rm", "ppo"] + (["ppo_nokl"] if self.overopt else [])  # dpo: opt in (stages=...,dpo)
 
     @classmethod
@@ -177,8 +185,12 @@ def stage_overrides(cfg, name: str) -> dict | None:
         return {"model": sft_model_dir(cfg), "task": cfg.task}
     if name == "rm_ai":  # the judge labels prefs.jsonl once (cached); the RM trains on its soft labels
         return {"data": ai_labels(cfg), "eval_data": cfg.rm_eval_data}
-    if name == "ppo_ai":
-        return {"reward": f"rm:{Path(cfg.out) / 'rm_ai'}"}
+    if name == "rm_human":  # the raters' labels of the 2,000 pairs rm_ai's judge labels
+        return {"data": str(Path(cfg.out) / "data" / "prefs.jsonl"), "eval_data": cfg.rm_eval_data}
+    if name in ("ppo_ai", "ppo_human"):
+        return {"reward": f"rm:{Path(cfg.out) / name.replace('ppo_', 'rm_')}"}
+    if name == "ppo_judge":  # direct RLAIF at β = 0, as long as the weak proxy's β = 0 run: does it collapse?
+        return {"reward": "judge:reviews", "kl_coef": 0.0, "max_steps": cfg.nokl_max_steps}
     return None
 
 
