@@ -84,13 +84,25 @@ def test_cai_end_to_end(tiny):
     tmp, path = tiny
     summary = C.run(load_config(C.CAIConfig, None, {
         "model": str(tmp / "policy"), "constitution": str(path), "task": "reviews", "n_prompts": 4, "rounds": 2,
-        "response_tokens": 5, "revision_tokens": 5, "out": str(tmp / "cai"), "batch_size": 2, "progress": False}))
+        "response_tokens": 5, "revision_tokens": 5, "out": str(tmp / "cai"), "batch_size": 2, "progress": False,
+        "n_eval_prompts": 3, "eval_samples": 2}))
     rows = [json.loads(x) for x in (tmp / "cai" / "rounds.jsonl").read_text().splitlines()]
     assert len(rows) == 4 and all(len(r["rounds"]) == 2 for r in rows)
     revisions = list(D.load_records(tmp / "cai" / "revisions.jsonl", "demonstrations"))
     assert [r["completion"] for r in revisions] == [r["rounds"][-1]["revision"] for r in rows]
     assert {"gold_round_0", "gold_round_1", "gold_round_2", "sft_train_loss"} <= set(summary)
     assert (tmp / "cai" / "sft" / "model" / "config.json").exists()
+    # the starting and the SL-CAI policy, evaluated alike on the task's held-out prompts
+    from tether.evaluate import evaluate_policy
+    from tether.models import load_causal_lm, load_tokenizer
+    from tether.tasks import reviews
+
+    assert summary["kl_start"] == 0.0 and summary["eval_end"]["n_samples"] == 6 and summary["kl_end"] > 0
+    end = load_causal_lm(tmp / "cai" / "sft" / "model").eval()
+    again = evaluate_policy(end, load_tokenizer(tmp / "policy"), reviews, reviews.prompts("test", 3, 0), n_samples=2,
+                            max_new_tokens=5, temperature=1.0, ref_model=load_causal_lm(tmp / "policy").eval(), seed=0)
+    assert summary["gold_end"] == pytest.approx(again["gold_mean"]) and summary["kl_end"] == pytest.approx(
+        again["kl_mean"])
 
 
 def test_demo_cai_stages_are_wired(tmp_path):

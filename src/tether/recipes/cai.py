@@ -11,7 +11,10 @@ direct=true) and `Revision:` after the revision prompt, greedily; the revision i
 The revisions of the last round (plus `helpful` demonstrations, mixed in as §3.1 mixes helpful samples) are the
 SFT data of `tether sft` with this command's SFT keys (1 epoch by default; the paper's lr is 0.5x the pretraining
 lr). Written: out/revisions.jsonl ({prompt, completion}), out/rounds.jsonl (every round's critique and revision, with
-the task's gold reward when task= is set), out/sft/ (the SFT run; its model is out/sft/model).
+the task's gold reward when task= is set), out/sft/ (the SFT run; its model is out/sft/model). On held-out prompts
+(`eval_prompts`, or the task's test split) the starting policy and the SL-CAI policy are evaluated alike
+(`evaluate.evaluate_policy`: gold when the task has one, KL to the starting policy, length, diversity) and
+summary.json compares them (gold_start, gold_end, kl_end, and each evaluation whole under eval_start / eval_end).
 
 Departure from the paper: the *judge* (the constitution's feedback model) writes critiques and revisions, not the
 policy itself; the embedded policy is too small to follow a critique request, the embedded judge was pretrained on
@@ -45,6 +48,10 @@ class CAIConfig(SFTConfig):
     helpful: str = opt("", "demonstrations {prompt, completion} mixed into the SFT data")
     judge_cache: str = opt("", "on-disk judge cache (SQLite); empty: none")
     epochs: int = opt(1, "SFT epochs over the revisions (the paper: 1)", check=at_least(1))
+    eval_prompts: str = opt("", "held-out prompts on which the policy is evaluated before and after (default: the "
+                                "task's test split; neither: no evaluation)")
+    n_eval_prompts: int = opt(64, "held-out prompts drawn from the task", check=at_least(1))
+    eval_samples: int = opt(4, "samples per held-out prompt", check=at_least(1))
 
     def validate(self) -> None:
         super(SFTConfig, self).validate()  # the training keys' checks; `data` is made here, not given
@@ -82,6 +89,27 @@ def revise_rounds(judge, constitution, prompts: list[str], responses: list[str],
         for h, q, c, r in zip(history, picked, critiques, current):
             h.append({"principle": q.name, "critique": c, "revision": r})
     return history
+
+
+def compare_policies(cfg: CAIConfig, task, start_dir: str, end_dir: str) -> dict:
+    """The starting and the SL-CAI policy on the same held-out prompts, sampled with the same seed."""
+    from tether.evaluate import evaluate_policy
+    from tether.models import load_causal_lm, load_tokenizer
+    from tether.prompts import load_prompts
+
+    records = load_prompts(cfg.eval_prompts, task, "test", cfg.n_eval_prompts, cfg.seed, key="eval_prompts")
+    tokenizer, start = load_tokenizer(start_dir), load_causal_lm(start_dir).eval()
+    settings = dict(n_samples=cfg.eval_samples, max_new_tokens=cfg.response_tokens, temperature=cfg.temperature,
+                    ref_model=start, seed=cfg.seed)
+    result = {}
+    for name, model in (("start", start), ("end", load_causal_lm(end_dir).eval())):
+        numbers = {k: v for k, v in evaluate_policy(model, tokenizer, task, records, **settings).items()
+                   if isinstance(v, (int, float))}
+        result[f"eval_{name}"] = numbers
+        for key, short in (("gold_mean", "gold"), ("gold_std", "gold_std"), ("kl_mean", "kl")):
+            if key in numbers:
+                result[f"{short}_{name}"] = numbers[key]
+    return result
 
 
 def run(cfg: CAIConfig) -> dict:
@@ -127,5 +155,7 @@ def run(cfg: CAIConfig) -> dict:
     result = sft.run(load_config(SFTConfig, None, settings, recipe="sft"))
     summary.update({f"sft_{k}": v for k, v in result.items() if isinstance(v, (int, float, str))})
     summary["model"] = str(out / "sft" / "model")
+    if cfg.eval_prompts or task is not None:
+        summary.update(compare_policies(cfg, task, cfg.model, summary["model"]))
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
